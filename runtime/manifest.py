@@ -1,0 +1,162 @@
+"""The bundle manifest: the one contract between export and runtime.
+
+This module is the only place that knows the schema. Export builds a dict with `new_manifest`-shaped content and
+writes it with `write`; the runtime reads it with `load`, which refuses anything it cannot trust: an unknown schema
+version, a missing field, a path that leaves the bundle, an artifact whose size or sha256 does not match.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .errors import BadBundle
+
+SCHEMA_VERSION = 1
+TOOLKIT_VERSION = "0.1.0"
+MANIFEST = "manifest.json"
+
+# field -> type, for every section the runtime reads. Nested dicts are checked recursively.
+SCHEMA = {
+    "schema_version": int,
+    "toolkit_version": str,
+    "source": {"checkpoint": str, "architecture": str},
+    "vision": {
+        "image_size": list, "patch_grid": list, "mean": list, "std": list, "select_layer": (int, list),
+        "select_strategy": str, "has_cls_token": bool, "tokens_per_frame": int, "hidden_size": int,
+        "graphs": dict,
+    },
+    "aggregator": {"graph": str, "num_frames": int, "slow_frames": int, "slow_pool": str, "fast_grid": list},
+    "llm": {
+        "graph": str, "precision": str, "num_layers": int, "num_kv_heads": int, "head_dim": int,
+        "hidden_size": int, "vocab_size": int, "max_context": int, "embeddings": dict,
+    },
+    "tokenizer": str,
+    "prompt": {"prefix": str, "suffix": str, "image_token": str, "eos_token_ids": list, "stop_strings": list},
+    "artifacts": dict,
+    "fidelity": dict,
+}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def artifact_entries(root: Path) -> dict:
+    """Size and sha256 of every file in the bundle folder except the manifest itself."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            out[p.relative_to(root).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    return out
+
+
+def write(root: Path, manifest: dict) -> None:
+    manifest = {**manifest, "schema_version": SCHEMA_VERSION, "toolkit_version": TOOLKIT_VERSION,
+                "artifacts": artifact_entries(root)}
+    _check_fields(manifest, SCHEMA, root / MANIFEST, "")
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _check_fields(obj: dict, schema: dict, where: Path, prefix: str) -> None:
+    for key, kind in schema.items():
+        if key not in obj:
+            raise BadBundle(f"{where}: field '{prefix}{key}' is missing")
+        if isinstance(kind, dict):
+            if not isinstance(obj[key], dict):
+                raise BadBundle(f"{where}: field '{prefix}{key}' must be an object")
+            _check_fields(obj[key], kind, where, f"{prefix}{key}.")
+        elif not isinstance(obj[key], kind) or (kind is int and isinstance(obj[key], bool)):
+            raise BadBundle(f"{where}: field '{prefix}{key}' has the wrong type ({type(obj[key]).__name__})")
+
+
+def resolve_inside(root: Path, rel: str, where: Path) -> Path:
+    """A manifest path, refused if it is absolute, climbs out with '..', or is a symlink leading outside."""
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts or "\\" in rel:
+        raise BadBundle(f"{where}: artifact path {rel!r} must be a relative path inside the bundle")
+    real = (root / rel).resolve()
+    if not real.is_relative_to(root.resolve()):
+        raise BadBundle(f"{where}: artifact path {rel!r} leads outside the bundle folder")
+    return root / rel
+
+
+def load(root: Path, verify_hashes: bool = True, hash_cache: "HashCache | None" = None) -> dict:
+    root = Path(root)
+    where = root / MANIFEST
+    if not root.is_dir():
+        raise BadBundle(f"{root}: no such bundle folder")
+    try:
+        manifest = json.loads(where.read_text())
+    except FileNotFoundError:
+        raise BadBundle(f"{where}: missing; this folder is not a bundle (make one with sf-export)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadBundle(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise BadBundle(f"{where}: must hold a JSON object")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BadBundle(f"{where}: bundle schema version {version!r} (written by toolkit "
+                        f"{manifest.get('toolkit_version', '?')}); this toolkit ({TOOLKIT_VERSION}) reads schema "
+                        f"version {SCHEMA_VERSION} only: re-export the bundle, or use the toolkit that wrote it")
+    _check_fields(manifest, SCHEMA, where, "")
+    artifacts = manifest["artifacts"]
+    for rel, entry in artifacts.items():
+        path = resolve_inside(root, rel, where)
+        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or not isinstance(
+                entry.get("sha256"), str):
+            raise BadBundle(f"{where}: artifact {rel!r} needs an integer size and a sha256")
+        if not path.is_file():
+            raise BadBundle(f"{path}: listed in the manifest but missing (incomplete copy?)")
+        if path.stat().st_size != entry["size"]:
+            raise BadBundle(f"{path}: size {path.stat().st_size} differs from the manifest's {entry['size']} "
+                            f"(truncated or tampered)")
+        if verify_hashes:
+            digest = hash_cache.sha256(path) if hash_cache else sha256_file(path)
+            if digest != entry["sha256"]:
+                raise BadBundle(f"{path}: sha256 differs from the manifest (tampered or corrupted); refusing to load")
+    for rel in referenced_paths(manifest):
+        resolve_inside(root, rel, where)
+        if rel not in artifacts:
+            raise BadBundle(f"{where}: {rel!r} is used but not listed (with its hash) among the artifacts")
+    return manifest
+
+
+def referenced_paths(manifest: dict) -> list[str]:
+    """Every file the runtime opens, so that each is hash-checked."""
+    llm = manifest["llm"]
+    paths = [*manifest["vision"]["graphs"].values(), manifest["aggregator"]["graph"], llm["graph"],
+             manifest["tokenizer"], *llm["embeddings"]["files"].values()]
+    paths += [p for p in llm.get("external_data", [])]
+    return paths
+
+
+class HashCache:
+    """Remembers files already verified, keyed by path, size, mtime and inode, so start-up skips re-hashing an
+    unchanged bundle. A changed file (different size or mtime) is hashed again."""
+
+    def __init__(self, path: Path | None = None):
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        self.path = path or base / "sfedge" / "verified-hashes.json"
+        try:
+            self._known = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self._known = {}
+
+    def sha256(self, file: Path) -> str:
+        st = file.stat()
+        key = f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        if key not in self._known:
+            self._known[key] = sha256_file(file)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(self._known))
+                os.replace(tmp, self.path)
+            except OSError:
+                pass  # a read-only home only costs re-hashing next time
+        return self._known[key]
