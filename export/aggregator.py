@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 
@@ -52,3 +54,25 @@ class SlowFastAggregator(torch.nn.Module):
         grid = x.reshape(-1, gh, gw, d)
         fast = torch.einsum("oh,thwd,pw->topd", self.pool_h, grid, self.pool_w).reshape(-1, d)
         return torch.cat([slow, fast], 0)
+
+
+def reference_tokens(features: torch.Tensor, slow_frames: int, grid, skip_tokens: int, slow_pool: str,
+                     fast_grid) -> torch.Tensor:
+    """The same rules stated plainly with PyTorch's own pools, frame by frame: the fidelity reference."""
+    t, d = features.shape[0], features.shape[-1]
+    gh, gw = grid
+    x = features[:, skip_tokens:, :]
+    idx = [int(i) for i in np.linspace(0, t, slow_frames + 1)[:-1]]
+    slow = []
+    for i in idx:
+        f = x[i]  # [L, D]
+        if slow_pool.endswith("1d"):
+            pool = F.max_pool1d if slow_pool == "max1d" else F.avg_pool1d
+            slow.append(pool(f.T[None], kernel_size=2, stride=2)[0].T)
+        else:
+            pool = F.max_pool2d if slow_pool == "max2d" else F.avg_pool2d
+            g = f.T.reshape(1, d, gh, gw)
+            slow.append(pool(g, kernel_size=2, stride=2)[0].reshape(d, -1).T)
+    fast = [F.adaptive_avg_pool2d(x[i].T.reshape(1, d, gh, gw), tuple(fast_grid))[0].reshape(d, -1).T
+            for i in range(t)]
+    return torch.cat(slow + fast, 0)

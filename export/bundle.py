@@ -1,0 +1,202 @@
+"""sf-export's build step: checkpoint in, verified bundle out, written atomically.
+
+The bundle is assembled in a hidden sibling folder and renamed into place only when every graph has passed its
+fidelity check, so an export that fails or is interrupted leaves no half bundle behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sfedge import calibration
+from sfedge.calibration.frames import sample_frames
+from sfedge.runtime import manifest as manifest_schema
+from sfedge.runtime.errors import BadInput, LowFidelity
+from sfedge.runtime.tokens import slow_indices, visual_token_count
+
+from . import checkpoint as ckpt_io
+from . import fidelity, graphs, llm, llm_fidelity
+from .aggregator import POOLS, reference_tokens
+from .prompt_spec import eos_ids, prompt_spec
+from .vision import reference_features
+
+VISION_VARIANTS = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class Options:
+    num_frames: int = 50
+    slow_frames: int = 10
+    slow_pool: str = "max1d"
+    fast_grid: tuple = (4, 4)
+    vision_variants: tuple = ("fp32", "int8")
+    calibration_videos: list = field(default_factory=list)
+    llm_precision: str = "int4"
+    llm_quant: str = "rtn"
+    block_size: int = 32
+    embeddings: str = "float16"
+    allow_low_fidelity: bool = False
+    force: bool = False
+    fidelity_text_tokens: int = 2048
+    note: str | None = None
+
+    def check(self):
+        if self.slow_pool not in POOLS:
+            raise BadInput(f"--slow-pool {self.slow_pool!r}: choose one of {', '.join(POOLS)}")
+        bad = [v for v in self.vision_variants if v not in VISION_VARIANTS]
+        if bad or "fp32" not in self.vision_variants:
+            raise BadInput(f"--vision-variants: fp32 plus any of fp16, int8 (got {', '.join(self.vision_variants)})")
+        if self.num_frames < 1 or self.slow_frames < 1 or min(self.fast_grid) < 1:
+            raise BadInput("--frames, --slow-frames and --fast-grid must be positive")
+        if self.llm_precision not in ("int4", "fp32") or self.llm_quant not in llm.QUANT_SCHEMES:
+            raise BadInput(f"--llm-precision int4|fp32 and --llm-quant {'|'.join(llm.QUANT_SCHEMES)}")
+        if self.block_size not in (32, 64, 128):
+            raise BadInput("--block-size must be 32, 64 or 128")
+        if self.embeddings not in ("float16", "int8"):
+            raise BadInput("--embeddings must be float16 or int8")
+
+
+class Log:
+    def __init__(self, quiet=False):
+        self.t0, self.quiet = time.perf_counter(), quiet
+
+    def __call__(self, msg: str):
+        if not self.quiet:
+            print(f"[sf-export {time.perf_counter() - self.t0:6.1f}s] {msg}", file=__import__("sys").stderr,
+                  flush=True)
+
+
+def export(checkpoint_dir, out_dir, opts: Options, log=None) -> dict:
+    log = log or Log()
+    quiet_libraries()
+    opts.check()
+    out = Path(out_dir)
+    if out.exists() and not opts.force:
+        raise BadInput(f"{out}: already exists; choose another folder or pass --force to replace it")
+    log(f"reading checkpoint {checkpoint_dir}")
+    ckpt = ckpt_io.load(checkpoint_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix="sfedge-export-"))
+    try:
+        manifest = _build(ckpt, staging, work, opts, log)
+        _replace(staging, out)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def quiet_libraries():
+    """Our progress lines replace the libraries' progress bars and advice."""
+    import logging
+
+    import transformers
+
+    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs advice on the root logger
+
+
+def _replace(staging: Path, out: Path):
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, old)
+        os.rename(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, out)
+
+
+def _build(ckpt, bundle: Path, work: Path, opts: Options, log) -> dict:
+    vision = dict(ckpt.vision)
+    agg = {"graph": "aggregator.onnx", "num_frames": opts.num_frames, "slow_frames": opts.slow_frames,
+           "slow_pool": opts.slow_pool, "fast_grid": list(opts.fast_grid)}
+    report = {}
+    frames = sample_frames(opts.calibration_videos, tuple(vision["image_size"]), count=8)
+    with torch.no_grad():
+        ref = reference_features(ckpt.model, vision, torch.from_numpy(frames)).numpy()
+
+    log(f"tracing the vision tower + projector ({vision['tower']}, {vision['patch_grid'][0]}x"
+        f"{vision['patch_grid'][1]} grid) to ONNX")
+    vision["graphs"] = {"fp32": "vision.fp32.onnx"}
+    graphs.export_vision(ckpt.model, vision, bundle / "vision.fp32.onnx", torch.from_numpy(frames[:2]))
+    if "fp16" in opts.vision_variants:
+        log("converting the vision graph to fp16")
+        graphs.convert_fp16(bundle / "vision.fp32.onnx", bundle / "vision.fp16.onnx")
+        vision["graphs"]["fp16"] = "vision.fp16.onnx"
+    if "int8" in opts.vision_variants:
+        if opts.calibration_videos:
+            log(f"static int8 (QDQ) quantization, calibrated on {len(opts.calibration_videos)} video(s)")
+            from sfedge.calibration.frames import FrameReader
+            graphs.quantize_int8_static(bundle / "vision.fp32.onnx", bundle / "vision.int8.onnx",
+                                        FrameReader(opts.calibration_videos, tuple(vision["image_size"])))
+            method = "static QDQ"
+        else:
+            log("dynamic int8 quantization of the vision graph")
+            graphs.quantize_int8_dynamic(bundle / "vision.fp32.onnx", bundle / "vision.int8.onnx")
+            method = "dynamic"
+        vision["graphs"]["int8"] = "vision.int8.onnx"
+        vision["int8_method"] = method
+    for precision, rel in vision["graphs"].items():
+        out = graphs.run_graph(bundle / rel, {"frames": frames})
+        report[f"vision.{precision}"] = fidelity.verdict(fidelity.compare(ref, out), precision)
+
+    log("tracing the SlowFast aggregator to ONNX")
+    graphs.export_aggregator(vision, agg, bundle / agg["graph"])
+    skip = int(vision["has_cls_token"])
+    feats = np.random.default_rng(0).standard_normal(
+        (opts.num_frames, vision["tokens_per_frame"], vision["hidden_size"])).astype(np.float32)
+    for t in sorted({opts.num_frames, max(1, opts.num_frames // 3), 1}):
+        ref_tokens = reference_tokens(torch.from_numpy(feats[:t]), opts.slow_frames, vision["patch_grid"], skip,
+                                      opts.slow_pool, opts.fast_grid).numpy()
+        got = graphs.run_graph(bundle / agg["graph"], {"features": feats[:t],
+                                                        "slow_index": slow_indices(t, opts.slow_frames)})
+        report[f"aggregator.T{t}"] = fidelity.verdict(fidelity.compare(ref_tokens, got), "fp32")
+
+    log(f"language model: {ckpt.language_model_type}, {opts.llm_precision}")
+    lm = llm.language_model(ckpt)
+    llm_spec = llm.write_llm(lm, ckpt.tokenizer, bundle, work, precision=opts.llm_precision,
+                             block_size=opts.block_size, scheme=opts.llm_quant, embed_dtype=opts.embeddings, log=log)
+    prompt = prompt_spec(ckpt.tokenizer, vision["image_token"], eos_ids(ckpt.model, ckpt.tokenizer))
+    tok_dir = work / "tokenizer"
+    ckpt.tokenizer.save_pretrained(tok_dir)
+    shutil.copy(tok_dir / "tokenizer.json", bundle / "tokenizer.json")
+
+    # Real visual tokens in front of the question: int4 error on them is what text-only checks miss.
+    with torch.no_grad():
+        visual = reference_tokens(torch.from_numpy(ref), opts.slow_frames, vision["patch_grid"], skip,
+                                  opts.slow_pool, opts.fast_grid).numpy()
+    figures = llm_fidelity.measure(lm, ckpt.tokenizer, bundle, llm_spec, prompt,
+                                   text_tokens=opts.fidelity_text_tokens, visual_tokens=visual, log=log)
+    report["llm"] = llm_fidelity.verdict(figures, opts.llm_precision)
+
+    failed = [k for k, v in report.items() if not v["passed"]]
+    if failed and not opts.allow_low_fidelity:
+        detail = "; ".join(f"{k}: {report[k]['threshold']}" for k in failed)
+        raise LowFidelity(f"not written: {', '.join(failed)} missed the fidelity threshold ({detail}); pass "
+                          f"--allow-low-fidelity to write it anyway, marked as such")
+    report["all_passed"] = not failed
+    if failed:
+        report["low_fidelity_allowed"] = failed
+
+    manifest = {
+        "source": {"checkpoint": str(Path(ckpt.path).resolve()), "architecture": ckpt.architecture,
+                   "language_model": ckpt.language_model_type, **({"note": opts.note} if opts.note else {})},
+        "vision": vision,
+        "aggregator": agg,
+        "llm": llm_spec,
+        "tokenizer": "tokenizer.json",
+        "prompt": prompt,
+        "fidelity": report,
+        "visual_tokens_per_video": visual_token_count(opts.num_frames, agg, vision["patch_grid"]),
+    }
+    manifest_schema.write(bundle, manifest)
+    return manifest_schema.load(bundle)

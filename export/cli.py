@@ -1,0 +1,123 @@
+"""sf-export: LLaVA-family checkpoint -> verified edge bundle."""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from sfedge.runtime.clitools import human, run_cli
+from sfedge.runtime.errors import BadInput
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sf-export",
+        description="Export a local Hugging Face LLaVA-family checkpoint (Llava, LlavaNext, LlavaNextVideo, "
+                    "LlavaOnevision) to an edge bundle: vision tower + projector and the SlowFast aggregator as "
+                    "ONNX, the language model as a 4-bit ONNX decoder, each checked against PyTorch.",
+        epilog="Examples:\n  sf-export ./llava-1.5-7b-hf ./bundle\n  sf-export --demo ./demo-bundle\n"
+               "  sf-export --engines ./bundle   (on the target GPU)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", nargs="?", help="checkpoint folder (config.json + weights)")
+    p.add_argument("out", nargs="?", help="bundle folder to write (refused if it exists, unless --force)")
+    p.add_argument("--demo", metavar="OUT", help="build the built-in demo bundle: real SmolLM2-135M-Instruct with a "
+                                                 "seeded, untrained ViT-B/16-sized CLIP tower")
+    p.add_argument("--engines", metavar="BUNDLE", help="build TensorRT engines from BUNDLE's ONNX (on the target GPU)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    g = p.add_argument_group("SlowFast pipeline")
+    g.add_argument("--frames", type=int, default=50, help="frames sampled per video, T (default 50)")
+    g.add_argument("--slow-frames", type=int, default=10, help="slow-pathway frames, S (default 10)")
+    g.add_argument("--slow-pool", default="max1d", help="slow pool: max1d (default), avg1d, max2d, avg2d")
+    g.add_argument("--fast-grid", default="4x4", help="fast-pathway grid per frame (default 4x4)")
+    g = p.add_argument_group("vision graph")
+    g.add_argument("--vision-variants", default="fp32,int8",
+                   help="comma-separated: fp32 (always), fp16, int8 (default fp32,int8)")
+    g.add_argument("--calibration-videos", nargs="+", default=[], metavar="VIDEO",
+                   help="videos for static int8 (QDQ) calibration and fidelity frames; without them int8 is "
+                        "dynamic and fidelity uses the demo footage")
+    g = p.add_argument_group("language model")
+    g.add_argument("--llm-precision", default="int4", choices=["int4", "fp32"])
+    g.add_argument("--llm-quant", default="rtn", choices=["rtn", "accurate"],
+                   help="rtn: round-to-nearest, every MatMul 4-bit (default); accurate: k-quant scales with "
+                        "lm_head and sensitive layers at 8 bits")
+    g.add_argument("--block-size", type=int, default=32, choices=[32, 64, 128], help="4-bit block size")
+    g.add_argument("--embeddings", default="float16", choices=["float16", "int8"],
+                   help="token embedding table dtype (int8 has one scale per row)")
+    g = p.add_argument_group("checks")
+    g.add_argument("--allow-low-fidelity", action="store_true",
+                   help="write the bundle even if a graph misses its fidelity threshold (the manifest says so)")
+    g.add_argument("--fidelity-tokens", type=int, default=2048,
+                   help="tokens of English prose for the perplexity check (default 2048)")
+    g.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return p
+
+
+def options(a):
+    from .bundle import Options
+
+    try:
+        fh, fw = (int(x) for x in a.fast_grid.lower().split("x"))
+    except ValueError:
+        raise BadInput(f"--fast-grid {a.fast_grid!r}: expected HxW such as 4x4") from None
+    return Options(num_frames=a.frames, slow_frames=a.slow_frames, slow_pool=a.slow_pool, fast_grid=(fh, fw),
+                   vision_variants=tuple(v.strip() for v in a.vision_variants.split(",") if v.strip()),
+                   calibration_videos=a.calibration_videos, llm_precision=a.llm_precision, llm_quant=a.llm_quant,
+                   block_size=a.block_size, embeddings=a.embeddings, allow_low_fidelity=a.allow_low_fidelity,
+                   force=a.force, fidelity_text_tokens=a.fidelity_tokens)
+
+
+def summary(out: Path, m: dict) -> str:
+    lines = [f"bundle written: {out}"]
+    for rel, e in m["artifacts"].items():
+        lines.append(f"  {rel:<28} {human(e['size']):>10}")
+    lines.append(f"  total {human(sum(e['size'] for e in m['artifacts'].values()))}")
+    lines.append("fidelity:")
+    for name, f in m["fidelity"].items():
+        if not isinstance(f, dict):
+            continue
+        if name == "llm":
+            tf, ppl = f["teacher_forced"], f["perplexity"]
+            lines.append(f"  llm ({m['llm']['precision']}): perplexity {ppl['exported']:.2f} (PyTorch "
+                         f"{ppl['reference']:.2f}), teacher-forced min cosine {tf['min_cosine']:.4f}, mean top-5 "
+                         f"overlap {tf['mean_top5_overlap']:.2f}  {'ok' if f['passed'] else 'BELOW THRESHOLD'}")
+        else:
+            lines.append(f"  {name:<16} min cosine {f['min_cosine']:.6f}  rel max abs err "
+                         f"{f['rel_max_abs_error']:.2e}  {'ok' if f['passed'] else 'BELOW THRESHOLD'}")
+    a = m["aggregator"]
+    lines.append(f"visual tokens per video: {m['visual_tokens_per_video']} ({a['num_frames']} frames, "
+                 f"{a['slow_frames']} slow, {a['slow_pool']}, fast {a['fast_grid'][0]}x{a['fast_grid'][1]})")
+    if m["source"].get("note"):
+        lines.append(f"note: {m['source']['note']}")
+    return "\n".join(lines)
+
+
+def _main() -> int:
+    a = parser().parse_args()
+    from .bundle import Log, export
+
+    log = Log(a.quiet)
+    if a.engines:
+        from .engines import build_engines
+        return build_engines(Path(a.engines), log=log)
+    if a.demo:
+        from .demo import UNTRAINED_NOTE, build_demo_checkpoint
+
+        opts = options(a)
+        opts.note = UNTRAINED_NOTE
+        with tempfile.TemporaryDirectory(prefix="sfedge-demo-") as tmp:
+            log("assembling the demo checkpoint: real SmolLM2-135M-Instruct + seeded untrained ViT-B/16 tower")
+            ck = build_demo_checkpoint(Path(tmp) / "checkpoint")
+            m = export(ck, a.demo, opts, log)
+        print(summary(Path(a.demo), m))
+        print(f"note: {UNTRAINED_NOTE}")
+        return 0
+    if not a.checkpoint or not a.out:
+        raise BadInput("give CHECKPOINT and OUT (or --demo OUT, or --engines BUNDLE); see sf-export --help")
+    m = export(a.checkpoint, a.out, options(a), log)
+    print(summary(Path(a.out), m))
+    return 0
+
+
+def main() -> None:
+    sys.exit(run_cli("sf-export", _main))

@@ -1,0 +1,128 @@
+"""The exported decoder against its PyTorch original, on the same tokens (teacher forcing):
+perplexity on English prose, logits cosine and top-5 overlap at each generated position of chat prompts (and of a
+prompt whose prefix is real visual tokens), and where greedy decoding first diverges."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sfedge import calibration
+from sfedge.runtime.decoder import Decoder
+from sfedge.runtime.embeddings import Embeddings
+
+MIN_COSINE = 0.99  # int4, teacher-forced, every position
+MIN_TOP5 = 4.0  # int4, mean top-5 overlap
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    return lse - z[np.arange(len(targets)), targets]
+
+
+def _stepwise(decoder: Decoder, embeds: np.ndarray) -> np.ndarray:
+    """Logits at every position: the graph computes only the last position's, so feed one token at a time."""
+    decoder.rewind(0)
+    return np.stack([decoder.forward(embeds[i:i + 1]) for i in range(len(embeds))])
+
+
+def _top5(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ta, tb = np.argsort(-a, -1)[:, :5], np.argsort(-b, -1)[:, :5]
+    return np.array([len(set(x) & set(y)) for x, y in zip(ta, tb)], dtype=np.float64)
+
+
+def _cos(a, b):
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def measure(lm, tokenizer, bundle, llm_spec: dict, prompt: dict, *, text_tokens=2048, positions=32,
+            visual_tokens: np.ndarray | None = None, log=print) -> dict:
+    table = lm.get_input_embeddings().weight.detach()
+    embed = Embeddings(bundle, llm_spec["embeddings"])
+    max_len = max(text_tokens, 4096 if visual_tokens is None else len(visual_tokens) + 512)
+    decoder = Decoder(str(bundle / llm_spec["graph"]), {**llm_spec, "max_context": max(max_len,
+                                                                                            llm_spec["max_context"])},
+                      max_len)
+    out = {}
+
+    log(f"perplexity on {text_tokens} tokens of English prose")
+    ids = np.array(tokenizer(calibration.english_text(), add_special_tokens=False)["input_ids"][:text_tokens])
+    with torch.no_grad():
+        ref = lm(input_ids=torch.tensor(ids)[None]).logits[0].numpy()
+    got = _stepwise(decoder, embed(ids))
+    out["perplexity"] = {"tokens": int(len(ids)), "reference": float(np.exp(_nll(ref[:-1], ids[1:]).mean())),
+                         "exported": float(np.exp(_nll(got[:-1], ids[1:]).mean()))}
+
+    log(f"teacher-forced logits on {len(calibration.prompts())} chat prompts, {positions} positions each")
+    cos, top5, diverge = [], [], []
+    for text in calibration.prompts():
+        p_ids = tokenizer(prompt["prefix"] + text + prompt["suffix"],
+                          add_special_tokens=prompt.get("add_special_tokens", False))["input_ids"]
+        c, t, d = _teacher_forced(lm, decoder, embed, table, torch.tensor(p_ids), None, positions)
+        cos.append(c), top5.append(t), diverge.append(d)
+    out["teacher_forced"] = _summary(cos, top5, diverge, positions)
+
+    if visual_tokens is not None:
+        log(f"teacher-forced logits after {len(visual_tokens)} visual tokens")
+        pre = tokenizer(prompt["prefix"], add_special_tokens=prompt.get("add_special_tokens", False))["input_ids"]
+        post = tokenizer("\nDescribe what happens in the video." + prompt["suffix"],
+                         add_special_tokens=False)["input_ids"]
+        c, t, d = _teacher_forced(lm, decoder, embed, table, torch.tensor(pre),
+                                  (torch.from_numpy(visual_tokens), torch.tensor(post)), positions)
+        out["teacher_forced_video"] = _summary([c], [t], [d], positions)
+    return out
+
+
+def _teacher_forced(lm, decoder, embed, table, pre_ids, visual, positions):
+    """Reference greedy continuation from PyTorch, then both models scored on prompt + that continuation."""
+    parts = [table[pre_ids]]
+    if visual is not None:
+        parts += [visual[0].float(), table[visual[1]]]
+    prompt_embeds = torch.cat(parts)[None]
+    with torch.no_grad():
+        gen = lm.generate(inputs_embeds=prompt_embeds, max_new_tokens=positions, do_sample=False,
+                          min_new_tokens=positions, pad_token_id=0)[0, -positions:]
+        full = torch.cat([prompt_embeds[0], table[gen]])[None]
+        ref = lm(inputs_embeds=full).logits[0, -positions - 1:-1].numpy()
+    n_prompt = prompt_embeds.shape[1]
+    decoder.rewind(0)
+    # The prompt in one prefill (as the runtime does), then the continuation one token at a time.
+    got = [decoder.forward(embed_rows(embed, table, pre_ids, visual))]
+    for tok in gen[:-1].tolist():
+        got.append(decoder.forward(embed([tok])))
+    got = np.stack(got)
+    # greedy from the exported model's own choices
+    decoder.rewind(n_prompt)
+    logits, own = got[0], []
+    for _ in range(positions):
+        tok = int(np.argmax(logits))
+        own.append(tok)
+        logits = decoder.forward(embed([tok]))
+    ref_ids = gen.tolist()
+    first = next((i for i, (a, b) in enumerate(zip(own, ref_ids)) if a != b), positions)
+    return _cos(ref, got), _top5(ref, got), first
+
+
+def embed_rows(embed, table, pre_ids, visual):
+    rows = [embed(pre_ids.numpy())]
+    if visual is not None:
+        rows += [visual[0].numpy().astype(np.float32), embed(visual[1].numpy())]
+    return np.concatenate(rows)
+
+
+def _summary(cos, top5, diverge, positions):
+    cos, top5 = np.concatenate(cos), np.concatenate(top5)
+    return {"positions_per_prompt": positions, "prompts": len(diverge), "min_cosine": float(cos.min()),
+            "mean_cosine": float(cos.mean()), "mean_top5_overlap": float(top5.mean()),
+            "min_top5_overlap": float(top5.min()), "greedy_first_divergence": [int(d) for d in diverge]}
+
+
+def verdict(fig: dict, precision: str) -> dict:
+    if precision == "fp32":
+        ok = fig["teacher_forced"]["min_cosine"] >= 0.9999
+        rule = "teacher-forced min cosine >= 0.9999"
+    else:
+        tf = [fig["teacher_forced"]] + ([fig["teacher_forced_video"]] if "teacher_forced_video" in fig else [])
+        ok = all(t["min_cosine"] >= MIN_COSINE and t["mean_top5_overlap"] >= MIN_TOP5 for t in tf)
+        rule = f"teacher-forced min cosine >= {MIN_COSINE} and mean top-5 overlap >= {MIN_TOP5}"
+    return {**fig, "threshold": rule, "passed": bool(ok)}

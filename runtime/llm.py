@@ -1,0 +1,76 @@
+"""The language model as the runtime drives it: tokenizer, embedding lookup, the in-place-KV decoder and the
+generation loop. `prefix` state is an integer: after `prefill`, the cache holds that many positions, and a later
+question about the same video rewinds to it instead of prefilling the video again."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .decoder import Decoder, kv_bytes_per_token
+from .embeddings import Embeddings
+from .errors import BadBundle, BadInput
+from .generate import Sampling, TextStream, pick
+
+
+class LanguageModel:
+    def __init__(self, root: Path, manifest: dict, max_len: int, providers=None, threads=None):
+        self.spec = manifest["llm"]
+        self.prompt_spec = manifest["prompt"]
+        try:
+            self.tokenizer = Tokenizer.from_file(str(root / manifest["tokenizer"]))
+        except Exception as e:  # tokenizers raises a bare Exception
+            raise BadBundle(f"{root / manifest['tokenizer']}: cannot read the tokenizer ({e})") from None
+        self.embed = Embeddings(root, self.spec["embeddings"])
+        self.decoder = Decoder(str(root / self.spec["graph"]), self.spec, max_len, providers, threads)
+        self.eos = set(self.prompt_spec["eos_token_ids"])
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.spec)
+
+    def encode(self, text: str, first: bool = False) -> list[int]:
+        special = first and self.prompt_spec.get("add_special_tokens", False)
+        return self.tokenizer.encode(text, add_special_tokens=special).ids
+
+    @property
+    def length(self) -> int:
+        return self.decoder.length
+
+    def rewind(self, n: int) -> None:
+        self.decoder.rewind(n)
+
+    def prefill(self, embeds: np.ndarray, chunk: int = 512) -> np.ndarray:
+        return self.decoder.forward(embeds, chunk)
+
+    def generate(self, logits: np.ndarray, max_new_tokens: int, sampling: Sampling,
+                 stats: dict | None = None) -> Iterator[str]:
+        """Stream text pieces, starting from the logits after the prompt."""
+        if self.decoder.length + max_new_tokens > self.decoder.max_len:
+            max_new_tokens = self.decoder.max_len - self.decoder.length
+            if max_new_tokens <= 0:
+                raise BadInput(f"the prompt fills the whole context of {self.decoder.max_len} tokens")
+        rng = np.random.default_rng(sampling.seed)
+        stream = TextStream(self.tokenizer, self.prompt_spec["stop_strings"])
+        t0, n = time.perf_counter(), 0
+        tokens = []
+        for _ in range(max_new_tokens):
+            tok = pick(logits, sampling, rng)
+            if tok in self.eos:
+                break
+            tokens.append(tok)
+            n += 1
+            piece = stream.push(tok)
+            if piece:
+                yield piece
+            if stream.stopped:
+                break
+            logits = self.decoder.forward(self.embed([tok]))
+        tail = stream.finish()
+        if tail:
+            yield tail
+        if stats is not None:
+            stats.update(generated_tokens=n, generate_s=time.perf_counter() - t0, token_ids=tokens)
