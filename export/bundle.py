@@ -39,7 +39,7 @@ class Options:
     vision_variants: tuple = ("fp32", "int8")
     calibration_videos: list = field(default_factory=list)
     llm_precision: str = "int4"
-    llm_quant: str = "rtn"
+    llm_quant: str = "rtn-head8"
     block_size: int = 32
     embeddings: str = "float16"
     allow_low_fidelity: bool = False
@@ -59,8 +59,8 @@ class Options:
             raise BadInput(f"--llm-precision int4|fp32 and --llm-quant {'|'.join(llm.QUANT_SCHEMES)}")
         if self.block_size not in (32, 64, 128):
             raise BadInput("--block-size must be 32, 64 or 128")
-        if self.embeddings not in ("float16", "int8"):
-            raise BadInput("--embeddings must be float16 or int8")
+        if self.embeddings not in ("float16", "float32", "int8"):
+            raise BadInput("--embeddings must be float16, float32 or int8")
 
 
 class Log:
@@ -99,6 +99,8 @@ def quiet_libraries():
     import logging
 
     import transformers
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own bar
 
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()

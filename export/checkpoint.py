@@ -112,6 +112,8 @@ def vision_spec(path: Path, model, tokenizer) -> dict:
         "has_cls_token": tokens == grid * grid + 1,
         "tokens_per_frame": tokens,
         "hidden_size": projector_width(model),
+        "tower_dims": {"hidden_size": vcfg.hidden_size, "intermediate_size": vcfg.intermediate_size,
+                       "num_heads": vcfg.num_attention_heads, "num_layers": vcfg.num_hidden_layers},
         "image_token": tokenizer.convert_ids_to_tokens(int(token_id)),
         "image_token_id": int(token_id),
     }

@@ -38,12 +38,13 @@ def parser() -> argparse.ArgumentParser:
                         "dynamic and fidelity uses the demo footage")
     g = p.add_argument_group("language model")
     g.add_argument("--llm-precision", default="int4", choices=["int4", "fp32"])
-    g.add_argument("--llm-quant", default="rtn", choices=["rtn", "accurate"],
-                   help="rtn: round-to-nearest, every MatMul 4-bit (default); accurate: k-quant scales with "
-                        "lm_head and sensitive layers at 8 bits")
-    g.add_argument("--block-size", type=int, default=32, choices=[32, 64, 128], help="4-bit block size")
-    g.add_argument("--embeddings", default="float16", choices=["float16", "int8"],
-                   help="token embedding table dtype (int8 has one scale per row)")
+    g.add_argument("--llm-quant", default="rtn-head8", choices=["rtn", "rtn-head8", "accurate"],
+                   help="rtn: round-to-nearest, every MatMul at 4 bits; rtn-head8 (default): the same with lm_head "
+                        "at 8 bits; accurate: k-quant scales, blocks of 16, lm_head and sensitive layers at 8 bits")
+    g.add_argument("--block-size", type=int, default=32, choices=[32, 64, 128],
+                   help="4-bit block size (default 32; the accurate scheme uses 16)")
+    g.add_argument("--embeddings", default="float16", choices=["float16", "float32", "int8"],
+                   help="token embedding table dtype (default float16; int8 has one scale per row)")
     g = p.add_argument_group("checks")
     g.add_argument("--allow-low-fidelity", action="store_true",
                    help="write the bundle even if a graph misses its fidelity threshold (the manifest says so)")
@@ -94,9 +95,10 @@ def summary(out: Path, m: dict) -> str:
 
 def _main() -> int:
     a = parser().parse_args()
-    from .bundle import Log, export
+    from .bundle import Log, export, quiet_libraries
 
     log = Log(a.quiet)
+    quiet_libraries()
     if a.engines:
         from .engines import build_engines
         return build_engines(Path(a.engines), log=log)
@@ -121,3 +123,7 @@ def _main() -> int:
 
 def main() -> None:
     sys.exit(run_cli("sf-export", _main))
+
+
+if __name__ == "__main__":
+    main()

@@ -74,8 +74,9 @@ def assemble(out: Path, arch: str, vcfg, text_config, tokenizer, *, lm=None, sel
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(cfg).eval()
     if lm is not None:
+        lm.resize_token_embeddings(text_config.vocab_size)  # room for the image token
         model.model.language_model.load_state_dict(lm.model.state_dict())
-        model.lm_head.weight.data[: lm.lm_head.weight.shape[0]] = lm.lm_head.weight.data
+        model.lm_head.weight.data.copy_(lm.lm_head.weight.data)
     model.config.architectures = [arch]
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

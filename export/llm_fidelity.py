@@ -10,8 +10,11 @@ from sfedge import calibration
 from sfedge.runtime.decoder import Decoder
 from sfedge.runtime.embeddings import Embeddings
 
-MIN_COSINE = 0.99  # int4, teacher-forced, every position
-MIN_TOP5 = 4.0  # int4, mean top-5 overlap
+# The export gate for int4 catches a broken quantization, not a slightly worse one: perplexity within 35% of
+# PyTorch's and a mean top-5 overlap of 3. How each scheme compares with llama.cpp is measured, not gated
+# (see QUANT_SCHEMES in llm.py and tests/test_llm_engine.py).
+MAX_PPL_RATIO = 1.35
+MIN_TOP5 = 3.0
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -118,11 +121,13 @@ def _summary(cos, top5, diverge, positions):
 
 
 def verdict(fig: dict, precision: str) -> dict:
+    ppl = fig["perplexity"]
+    fig = {**fig, "perplexity": {**ppl, "ratio": ppl["exported"] / ppl["reference"]}}
     if precision == "fp32":
         ok = fig["teacher_forced"]["min_cosine"] >= 0.9999
         rule = "teacher-forced min cosine >= 0.9999"
     else:
         tf = [fig["teacher_forced"]] + ([fig["teacher_forced_video"]] if "teacher_forced_video" in fig else [])
-        ok = all(t["min_cosine"] >= MIN_COSINE and t["mean_top5_overlap"] >= MIN_TOP5 for t in tf)
-        rule = f"teacher-forced min cosine >= {MIN_COSINE} and mean top-5 overlap >= {MIN_TOP5}"
+        ok = fig["perplexity"]["ratio"] <= MAX_PPL_RATIO and all(t["mean_top5_overlap"] >= MIN_TOP5 for t in tf)
+        rule = f"perplexity <= {MAX_PPL_RATIO}x PyTorch's and teacher-forced mean top-5 overlap >= {MIN_TOP5}"
     return {**fig, "threshold": rule, "passed": bool(ok)}

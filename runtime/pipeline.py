@@ -1,0 +1,202 @@
+"""The Python API: load a bundle once, encode a video once, ask many questions.
+
+    rt = Runtime.load("bundle", memory_budget="6GB")
+    video = rt.encode("clip.mp4")
+    print(rt.ask(video, "What happens?").text)
+    for piece in rt.ask(video, "And then?", stream=True): print(piece, end="")
+
+A follow-up about the same video rewinds the language model's KV cache to the end of the visual prefix and
+prefills only the new question.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from . import manifest as manifest_io
+from . import prompt as prompts
+from .clitools import parse_size
+from .errors import BadInput
+from .generate import Sampling
+from .llm import LanguageModel
+from .memory import peak_rss
+from .planner import Plan, make_plan
+from .sessions import Graph, providers
+from .tokens import slow_indices
+from .video import read_frames, resolve_source
+
+
+@dataclass
+class VisualTokens:
+    """A video's visual tokens: cache and reuse them across questions."""
+    tokens: np.ndarray  # [N, D] float32
+    frame_indices: list
+    total_frames: int
+    source: str
+    decode_method: str
+    timings: dict
+    notes: list = field(default_factory=list)
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def count(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class Answer:
+    text: str
+    question: str
+    visual_tokens: int
+    frames_used: list
+    prompt_tokens: int
+    generated_tokens: int
+    reused_prefix: bool
+    timings: dict  # seconds per stage: decode, encode, aggregate, prefill, generate
+    peak_memory_bytes: int
+    decode_method: str
+    notes: list
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class AnswerStream:
+    """Iterates over text pieces as they are generated; `.answer` holds the full Answer once exhausted."""
+
+    def __init__(self, pieces: Iterator[str], finish):
+        self._pieces, self._finish, self.answer, self._text = pieces, finish, None, []
+
+    def __iter__(self):
+        for piece in self._pieces:
+            self._text.append(piece)
+            yield piece
+        self.answer = self._finish("".join(self._text))
+
+
+class Runtime:
+    def __init__(self, root: Path, manifest: dict, plan: Plan, device: str, threads: int | None):
+        self.root, self.manifest, self.plan, self.device = root, manifest, plan, device
+        prov = providers(device, cache_dir=root / ".engine-cache")
+        v = manifest["vision"]
+        self.vision = Graph(root / v["graphs"][plan.vision_variant], prov, threads)
+        self.aggregator = Graph(root / manifest["aggregator"]["graph"], prov, threads)
+        self.llm = LanguageModel(root, manifest, plan.context, prov, threads)
+        self.size = tuple(v["image_size"])
+        self._prefix = None  # (video key, KV length after the visual prefix)
+        self._last_video = None  # (source identity, VisualTokens) for follow-ups given by path
+
+    @classmethod
+    def load(cls, bundle, device: str = "cpu", memory_budget=None, frames: int | None = None,
+             max_new_tokens: int = 256, vision_variant: str | None = None, threads: int | None = None,
+             verify: bool = True) -> "Runtime":
+        root = Path(bundle)
+        m = manifest_io.load(root, verify_hashes=verify, hash_cache=manifest_io.HashCache())
+        budget = parse_size(memory_budget) if memory_budget is not None else None
+        plan = make_plan(m, budget, frames, max_new_tokens, vision_variant)
+        return cls(root, m, plan, device, threads)
+
+    @property
+    def untrained_note(self) -> str | None:
+        return self.manifest["source"].get("note")
+
+    def encode(self, video, frames: int | None = None, progress=None) -> VisualTokens:
+        frames = frames or self.plan.frames
+        if frames > self.plan.frames:
+            raise BadInput(f"{frames} frames exceed the {self.plan.frames} this runtime was planned for; "
+                           f"load it with frames={frames}")
+        t0 = time.perf_counter()
+        got = read_frames(video, frames, self.size)
+        t1 = time.perf_counter()
+        chunk = self.plan.encode_chunk
+        feats = []
+        for start in range(0, len(got.pixels), chunk):
+            feats.append(self.vision.run({"frames": got.pixels[start:start + chunk]}))
+            if progress:
+                progress(f"encoded {min(start + chunk, len(got.pixels))}/{len(got.pixels)} frames")
+        feats = np.concatenate(feats)
+        t2 = time.perf_counter()
+        s = self.manifest["aggregator"]["slow_frames"]
+        tokens = self.aggregator.run({"features": feats, "slow_index": slow_indices(len(feats), s)})
+        t3 = time.perf_counter()
+        notes = list(got.notes)
+        if len(got.pixels) < frames:
+            notes.append(f"the video has {got.total_frames} frames: used all of them instead of {frames}")
+        return VisualTokens(tokens, [int(i) for i in got.indices], got.total_frames, str(resolve_source(video)),
+                            got.method, {"decode": t1 - t0, "encode": t2 - t1, "aggregate": t3 - t2}, notes)
+
+    def _tokens_for(self, video) -> tuple[VisualTokens, bool]:
+        """The video's tokens, and whether they were encoded just now (a repeated path reuses the last ones)."""
+        if isinstance(video, VisualTokens):
+            return video, False
+        path = resolve_source(video)
+        try:
+            st = path.stat()
+            ident = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        except OSError:
+            ident = None
+        if ident and self._last_video and self._last_video[0] == ident:
+            return self._last_video[1], False
+        vt = self.encode(video)
+        self._last_video = (ident, vt) if ident else None
+        return vt, True
+
+    def ask(self, video, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
+            top_p: float = 1.0, top_k: int = 0, seed: int | None = None, style: str = "plain",
+            options: list[str] | None = None, stream: bool = False):
+        """Answer a question about a video (a path, "demo", or VisualTokens from encode). Greedy by default."""
+        max_new_tokens = self.plan.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if max_new_tokens < 1:
+            raise BadInput("max_new_tokens must be at least 1")
+        try:
+            sampling = Sampling(temperature, top_k, top_p, seed)
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+        p = prompts.build(self.manifest["prompt"], question, style, options)
+        vt, fresh = self._tokens_for(video)
+        timings = {k: (v if fresh else 0.0) for k, v in vt.timings.items()}
+        q_ids = self.llm.encode(p.question)
+        reused = self._prefix is not None and self._prefix[0] == vt.key
+        t0 = time.perf_counter()
+        if reused:
+            self.llm.rewind(self._prefix[1])
+        else:
+            self.llm.rewind(0)
+            pre = self.llm.embed(self.llm.encode(p.prefix, first=True))
+            self._prefix = None
+            self.llm.prefill(np.concatenate([pre, vt.tokens]), self.plan.prefill_chunk)
+            self._prefix = (vt.key, self.llm.length)
+        q_embeds = self.llm.embed(q_ids)
+        if self.llm.length + len(q_ids) + 1 > self.plan.context:
+            raise BadInput(f"the question is {len(q_ids)} tokens; with {vt.count} visual tokens it does not fit the "
+                           f"planned context of {self.plan.context} tokens: shorten it or plan fewer frames")
+        logits = self.llm.prefill(q_embeds, self.plan.prefill_chunk)
+        timings["prefill"] = time.perf_counter() - t0
+        prompt_tokens = self.llm.length
+        stats = {}
+        pieces = self.llm.generate(logits, max_new_tokens, sampling, stats)
+        if p.answer_start:
+            pieces = _prepend(p.answer_start, pieces)
+
+        def finish(text: str) -> Answer:
+            timings["generate"] = stats.get("generate_s", 0.0)
+            return Answer(text, question, vt.count, vt.frame_indices, prompt_tokens,
+                          stats.get("generated_tokens", 0), reused, timings, peak_rss(), vt.decode_method,
+                          vt.notes)
+
+        s = AnswerStream(pieces, finish)
+        if stream:
+            return s
+        for _ in s:
+            pass
+        return s.answer
+
+
+def _prepend(first: str, pieces):
+    yield first
+    yield from pieces

@@ -1,0 +1,119 @@
+"""The memory plan, from the manifest alone: what each part of a question costs, and the settings that fit a
+budget. Weights are the bundle's file sizes; activations are estimated from the shapes in the manifest; the
+constants were measured on the demo bundle (see README, "Memory planner") and are deliberately on the safe side."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .clitools import human
+from .decoder import kv_bytes_per_token
+from .errors import BadInput, DoesNotFit
+from .tokens import visual_token_count
+
+RUNTIME_BASE = 160_000_000  # interpreter, numpy, OpenCV, ONNX Runtime and tokenizers loaded, no graph yet
+SESSION_FACTOR = 1.25  # ONNX Runtime holds each graph's weights plus prepacked copies and arena slack
+PROMPT_TOKENS = 256  # budget for the chat template and a question around the visual tokens
+ENCODE_CHUNKS = (64, 32, 16, 8, 4, 2, 1)
+PREFILL_CHUNKS = (512, 256, 128, 64)
+
+
+@dataclass
+class Plan:
+    frames: int
+    visual_tokens: int
+    context: int  # KV slots allocated: visual tokens + prompt + answer
+    max_new_tokens: int
+    encode_chunk: int
+    prefill_chunk: int
+    vision_variant: str
+    kv_precision: str = "fp32"  # the CPU GroupQueryAttention graph keeps fp32 KV
+    parts: dict = field(default_factory=dict)  # name -> bytes
+    budget: int | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def table(self) -> str:
+        rows = [("part", "bytes")] + [(k, human(v)) for k, v in self.parts.items()] + [("total", human(self.total))]
+        if self.budget:
+            rows.append(("budget", f"{human(self.budget)} ({human(self.budget - self.total)} free)"))
+        w = max(len(r[0]) for r in rows)
+        body = "\n".join(f"  {a:<{w}}  {b:>12}" for a, b in rows)
+        return (f"frames {self.frames}, visual tokens {self.visual_tokens}, context {self.context} tokens "
+                f"(KV {self.kv_precision}), max new tokens {self.max_new_tokens}\n"
+                f"vision graph {self.vision_variant}, encode chunk {self.encode_chunk} frames, "
+                f"prefill chunk {self.prefill_chunk} tokens\n{body}")
+
+
+def _size(manifest: dict, *rels: str) -> int:
+    return sum(manifest["artifacts"][r]["size"] for r in rels if r in manifest["artifacts"])
+
+
+def encoder_bytes_per_frame(v: dict) -> int:
+    """Peak activations of one frame through the tower: the widest layer (MLP) and the attention scores."""
+    dims = v.get("tower_dims", {})
+    d = dims.get("hidden_size", v["hidden_size"])
+    inter = dims.get("intermediate_size", 4 * d)
+    heads = dims.get("num_heads", max(1, d // 64))
+    gh, gw = v["patch_grid"]
+    n = gh * gw + 1
+    return 4 * (n * inter * 2 + heads * n * n * 2 + n * d * 6) + 3 * v["image_size"][0] * v["image_size"][1]
+
+
+def prefill_bytes(llm: dict, chunk: int, context: int) -> int:
+    heads = llm.get("num_heads", llm["num_kv_heads"] * 3)
+    return 4 * chunk * (llm["hidden_size"] * 12 + llm.get("intermediate_size", 4 * llm["hidden_size"]) * 3
+                        + heads * context + llm["vocab_size"] // max(chunk, 1))
+
+
+def make_plan(manifest: dict, budget: int | None = None, frames: int | None = None, max_new_tokens: int = 256,
+              vision_variant: str | None = None) -> Plan:
+    v, agg, llm = manifest["vision"], manifest["aggregator"], manifest["llm"]
+    frames = frames or agg["num_frames"]
+    if frames < 1:
+        raise BadInput("the frame count must be at least 1")
+    variant = vision_variant or ("int8" if "int8" in v["graphs"] else "fp32")
+    if variant not in v["graphs"]:
+        raise BadInput(f"vision variant {variant!r} is not in this bundle (it has {', '.join(v['graphs'])})")
+    visual = visual_token_count(frames, agg, v["patch_grid"])
+    context = visual + PROMPT_TOKENS + max_new_tokens
+    if context > llm["max_context"]:
+        per_frame = agg["fast_grid"][0] * agg["fast_grid"][1]
+        fit = max(0, (llm["max_context"] - PROMPT_TOKENS - max_new_tokens - (visual - frames * per_frame))
+                  // per_frame)
+        raise DoesNotFit(f"{frames} frames give {visual} visual tokens; with the prompt and {max_new_tokens} new "
+                         f"tokens that is {context} tokens, over the model's maximum of {llm['max_context']}: "
+                         f"use at most {fit} frames or fewer new tokens")
+    d = v["hidden_size"]
+    fixed = {
+        "runtime": RUNTIME_BASE,
+        f"vision weights ({variant})": int(_size(manifest, v["graphs"][variant]) * SESSION_FACTOR),
+        "aggregator": _size(manifest, agg["graph"]),
+        f"llm weights ({llm['precision']})": int(_size(manifest, llm["graph"], *llm.get("external_data", []))
+                                                  * SESSION_FACTOR),
+        "embedding table": _size(manifest, *llm["embeddings"]["files"].values()),
+        "tokenizer": 4 * _size(manifest, manifest["tokenizer"]),
+        "kv cache": context * kv_bytes_per_token(llm),
+        "video frames + tokens": frames * (v["image_size"][0] * v["image_size"][1] * 3 + v["tokens_per_frame"] * d * 4)
+                                 + visual * d * 4 * 2,
+    }
+    for enc in [c for c in ENCODE_CHUNKS if c <= max(frames, 1)] or [1]:
+        for pre in PREFILL_CHUNKS:
+            parts = {**fixed, f"encoder activations ({enc} frames)": enc * encoder_bytes_per_frame(v),
+                     f"prefill activations ({pre} tokens)": prefill_bytes(llm, pre, context)}
+            plan = Plan(frames, visual, context, max_new_tokens, enc, pre, variant, parts=parts, budget=budget)
+            if budget is None or plan.total <= budget:
+                return plan
+    over = plan.total - budget
+    biggest = max(fixed, key=fixed.get)
+    advice = []
+    if variant != "int8" and "int8" in v["graphs"]:
+        advice.append("the int8 vision graph")
+    if frames > 8:
+        advice.append(f"fewer frames (each frame adds {human(kv_bytes_per_token(llm) * agg['fast_grid'][0] * agg['fast_grid'][1])} of KV cache)")
+    advice.append("a smaller max_new_tokens")
+    raise DoesNotFit(f"the plan needs {human(plan.total)} even at 1-frame encode chunks and {pre}-token prefill: "
+                     f"{human(over)} over the {human(budget)} budget; the largest part is {biggest} "
+                     f"({human(fixed[biggest])}); try {', or '.join(advice)}, or a budget of at least "
+                     f"{human(plan.total)}")

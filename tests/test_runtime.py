@@ -1,0 +1,127 @@
+"""The runtime end to end on a tiny bundle: answers equal the transformers reference token for token (fp32
+language model, greedy); follow-ups reuse the video's KV prefix; bad inputs give clear errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from reference import answer_ids
+from sfedge.export import checkpoint as ckpt_io
+from sfedge.runtime import Runtime
+from sfedge.runtime.errors import BadInput, DoesNotFit
+from sfedge.runtime.video import read_frames
+
+QUESTIONS = ["What happens in the video?", "What color is the car?"]
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_bundle):
+    return Runtime.load(tiny_bundle[0], vision_variant="fp32", max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_bundle):
+    return ckpt_io.load(tiny_bundle[1])
+
+
+def test_answers_equal_transformers_token_for_token(rt, hf):
+    video = rt.encode("demo")
+    frames = read_frames("demo", rt.plan.frames, rt.size).pixels
+    for i, q in enumerate(QUESTIONS):
+        ans = rt.ask(video, q, max_new_tokens=12)
+        want = answer_ids(hf.model, hf.tokenizer, rt.manifest, frames, q, 12)
+        got = rt.llm.tokenizer.encode(ans.text, add_special_tokens=False).ids
+        assert ans.generated_tokens == len(want)
+        assert hf.tokenizer.decode(want, skip_special_tokens=True) == ans.text
+        assert ans.reused_prefix == (i > 0)
+        assert got or not want
+
+
+def test_follow_up_reuses_the_prefix_and_matches_a_fresh_answer(tiny_bundle, rt):
+    video = rt.encode("demo")
+    first = rt.ask(video, QUESTIONS[0])
+    follow = rt.ask(video, QUESTIONS[1])
+    assert follow.reused_prefix and not first.reused_prefix
+    assert follow.prompt_tokens - first.prompt_tokens == (
+        len(rt.llm.encode("\n" + QUESTIONS[1] + rt.manifest["prompt"]["suffix"]))
+        - len(rt.llm.encode("\n" + QUESTIONS[0] + rt.manifest["prompt"]["suffix"])))
+    fresh = Runtime.load(tiny_bundle[0], vision_variant="fp32", max_new_tokens=12)
+    assert fresh.ask(fresh.encode("demo"), QUESTIONS[1]).text == follow.text
+    assert follow.timings["prefill"] < first.timings["prefill"] or follow.prompt_tokens < 64
+
+
+def test_answer_records_timings_memory_and_frames(rt):
+    ans = rt.ask("demo", "Describe it.", max_new_tokens=4)
+    assert set(ans.timings) == {"decode", "encode", "aggregate", "prefill", "generate"}
+    assert ans.peak_memory_bytes > 10_000_000
+    assert len(ans.frames_used) == rt.plan.frames and ans.visual_tokens == rt.manifest["visual_tokens_per_video"]
+    again = rt.ask("demo", "And now?", max_new_tokens=4)  # same path: tokens and KV prefix reused
+    assert again.reused_prefix and again.timings["encode"] == 0.0
+
+
+def test_streaming_gives_the_same_text(rt):
+    video = rt.encode("demo")
+    whole = rt.ask(video, QUESTIONS[0]).text
+    s = rt.ask(video, QUESTIONS[0], stream=True)
+    pieces = list(s)
+    assert "".join(pieces) == whole == s.answer.text
+
+
+def test_prompt_styles(rt):
+    video = rt.encode("demo")
+    assert rt.ask(video, "What happens?", style="open-ended", max_new_tokens=3).text.startswith("In the video,")
+    mc = rt.ask(video, "Which animal?", options=["a rabbit", "a bird"], max_new_tokens=2)
+    assert mc.text.startswith("Best option:(")
+
+
+def test_sampling_is_seeded(rt):
+    video = rt.encode("demo")
+    a = rt.ask(video, "Tell a story.", temperature=1.0, top_p=0.9, top_k=50, seed=3, max_new_tokens=8).text
+    b = rt.ask(video, "Tell a story.", temperature=1.0, top_p=0.9, top_k=50, seed=3, max_new_tokens=8).text
+    assert a == b
+
+
+def test_bad_inputs(rt, tmp_path):
+    bad = tmp_path / "notes.mp4"
+    bad.write_text("not a video")
+    with pytest.raises(BadInput, match="notes.mp4"):
+        rt.ask(bad, "What?")
+    with pytest.raises(BadInput, match="no such file"):
+        rt.ask(tmp_path / "missing.mp4", "What?")
+    with pytest.raises(BadInput, match="empty"):
+        rt.ask("demo", "   \x00\x07  ")
+    with pytest.raises(BadInput, match="does not fit the planned context"):
+        rt.ask("demo", "why " * 400)
+
+
+def test_budget_too_small_is_refused_with_the_reason(tiny_bundle):
+    with pytest.raises(DoesNotFit, match="over the .* budget; the largest part is"):
+        Runtime.load(tiny_bundle[0], memory_budget="50MB")
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "sfedge.runtime.cli", *map(str, args)], capture_output=True,
+                          text=True)
+
+
+def test_sf_run_ask_json_and_errors(tiny_bundle, tmp_path):
+    b = tiny_bundle[0]
+    run = cli("ask", b, "--video", "demo", "-q", QUESTIONS[0], "-q", QUESTIONS[1], "--json", "--max-new-tokens", 5,
+              "--vision", "fp32")
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(x) for x in run.stdout.strip().splitlines()]
+    assert len(lines) == 2 and lines[1]["reused_prefix"] and lines[0]["visual_tokens"] > 0
+    assert set(lines[0]["timings"]) == {"decode", "encode", "aggregate", "prefill", "generate"}
+    bad = tmp_path / "x.mp4"
+    bad.write_bytes(b"\x00" * 100)
+    for args, code in [(("ask", b, "--video", bad, "-q", "hi"), 2),
+                       (("ask", tmp_path, "--video", "demo", "-q", "hi"), 4),
+                       (("plan", b, "--memory-budget", "10MB"), 5),
+                       (("plan", b, "--memory-budget", "lots"), 2)]:
+        r = cli(*args)
+        assert r.returncode == code, (args, r.stderr)
+        assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("sf-run: error:")
+    plan = cli("plan", b, "--memory-budget", "6GB")
+    assert plan.returncode == 0 and "kv cache" in plan.stdout and "budget" in plan.stdout
