@@ -39,7 +39,7 @@ class Options:
     vision_variants: tuple = ("fp32", "int8")
     calibration_videos: list = field(default_factory=list)
     llm_precision: str = "int4"
-    llm_quant: str = "rtn-head8"
+    llm_quant: str = "rtn-mixed"
     block_size: int = 32
     embeddings: str = "float16"
     allow_low_fidelity: bool = False
@@ -100,7 +100,6 @@ def quiet_libraries():
 
     import transformers
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own bar
 
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
@@ -182,7 +181,7 @@ def _build(ckpt, bundle: Path, work: Path, opts: Options, log) -> dict:
 
     failed = [k for k, v in report.items() if not v["passed"]]
     if failed and not opts.allow_low_fidelity:
-        detail = "; ".join(f"{k}: {report[k]['threshold']}" for k in failed)
+        detail = "; ".join(f"{k}: {report[k]['measured']}, needs {report[k]['threshold']}" for k in failed)
         raise LowFidelity(f"not written: {', '.join(failed)} missed the fidelity threshold ({detail}); pass "
                           f"--allow-low-fidelity to write it anyway, marked as such")
     report["all_passed"] = not failed

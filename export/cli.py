@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -38,9 +39,9 @@ def parser() -> argparse.ArgumentParser:
                         "dynamic and fidelity uses the demo footage")
     g = p.add_argument_group("language model")
     g.add_argument("--llm-precision", default="int4", choices=["int4", "fp32"])
-    g.add_argument("--llm-quant", default="rtn-head8", choices=["rtn", "rtn-head8", "accurate"],
-                   help="rtn: round-to-nearest, every MatMul at 4 bits; rtn-head8 (default): the same with lm_head "
-                        "at 8 bits; accurate: k-quant scales, blocks of 16, lm_head and sensitive layers at 8 bits")
+    g.add_argument("--llm-quant", default="rtn-mixed", choices=["rtn", "rtn-mixed", "accurate"],
+                   help="rtn: round-to-nearest, every MatMul at 4 bits; rtn-mixed (default): the same with lm_head "
+                        "and sensitive layers at 8 bits; accurate: k-quant scales, blocks of 16, lm_head and sensitive layers at 8 bits")
     g.add_argument("--block-size", type=int, default=32, choices=[32, 64, 128],
                    help="4-bit block size (default 32; the accurate scheme uses 16)")
     g.add_argument("--embeddings", default="float16", choices=["float16", "float32", "int8"],
@@ -95,6 +96,8 @@ def summary(out: Path, m: dict) -> str:
 
 def _main() -> int:
     a = parser().parse_args()
+    if a.quiet or not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is first imported (the GGUF loader's bar)
     from .bundle import Log, export, quiet_libraries
 
     log = Log(a.quiet)
@@ -112,7 +115,6 @@ def _main() -> int:
             ck = build_demo_checkpoint(Path(tmp) / "checkpoint")
             m = export(ck, a.demo, opts, log)
         print(summary(Path(a.demo), m))
-        print(f"note: {UNTRAINED_NOTE}")
         return 0
     if not a.checkpoint or not a.out:
         raise BadInput("give CHECKPOINT and OUT (or --demo OUT, or --engines BUNDLE); see sf-export --help")

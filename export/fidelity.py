@@ -31,4 +31,5 @@ def verdict(figures: dict, precision: str) -> dict:
         ok, rule = figures["min_cosine"] >= FP16_MIN_COSINE, f"min_cosine >= {FP16_MIN_COSINE}"
     else:
         ok, rule = figures["min_cosine"] >= INT8_MIN_COSINE, f"min_cosine >= {INT8_MIN_COSINE}"
-    return {**figures, "threshold": rule, "passed": bool(ok)}
+    measured = f"min cosine {figures['min_cosine']:.5f}, rel max abs error {figures['rel_max_abs_error']:.2e}"
+    return {**figures, "threshold": rule, "measured": measured, "passed": bool(ok)}

@@ -130,4 +130,7 @@ def verdict(fig: dict, precision: str) -> dict:
         tf = [fig["teacher_forced"]] + ([fig["teacher_forced_video"]] if "teacher_forced_video" in fig else [])
         ok = fig["perplexity"]["ratio"] <= MAX_PPL_RATIO and all(t["mean_top5_overlap"] >= MIN_TOP5 for t in tf)
         rule = f"perplexity <= {MAX_PPL_RATIO}x PyTorch's and teacher-forced mean top-5 overlap >= {MIN_TOP5}"
-    return {**fig, "threshold": rule, "passed": bool(ok)}
+    measured = (f"perplexity {fig['perplexity']['ratio']:.3f}x, top-5 overlap "
+                + "/".join(f"{t['mean_top5_overlap']:.2f}" for t in [fig["teacher_forced"]]
+                           + ([fig["teacher_forced_video"]] if "teacher_forced_video" in fig else [])))
+    return {**fig, "threshold": rule, "measured": measured, "passed": bool(ok)}
