@@ -17,14 +17,12 @@ def parser() -> argparse.ArgumentParser:
         description="Export a local Hugging Face LLaVA-family checkpoint (Llava, LlavaNext, LlavaNextVideo, "
                     "LlavaOnevision) to an edge bundle: vision tower + projector and the SlowFast aggregator as "
                     "ONNX, the language model as a 4-bit ONNX decoder, each checked against PyTorch.",
-        epilog="Examples:\n  sf-export ./llava-1.5-7b-hf ./bundle\n  sf-export --demo ./demo-bundle\n"
-               "  sf-export --engines ./bundle   (on the target GPU)",
+        epilog="Examples:\n  sf-export ./llava-1.5-7b-hf ./bundle\n  sf-export --demo ./demo-bundle",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="checkpoint folder (config.json + weights)")
     p.add_argument("out", nargs="?", help="bundle folder to write (refused if it exists, unless --force)")
     p.add_argument("--demo", metavar="OUT", help="build the built-in demo bundle: real SmolLM2-135M-Instruct with a "
                                                  "seeded, untrained ViT-B/16-sized CLIP tower")
-    p.add_argument("--engines", metavar="BUNDLE", help="build TensorRT engines from BUNDLE's ONNX (on the target GPU)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     g = p.add_argument_group("SlowFast pipeline")
     g.add_argument("--frames", type=int, default=50, help="frames sampled per video, T (default 50)")
@@ -102,9 +100,6 @@ def _main() -> int:
 
     log = Log(a.quiet)
     quiet_libraries()
-    if a.engines:
-        from .engines import build_engines
-        return build_engines(Path(a.engines), log=log)
     if a.demo:
         from .demo import UNTRAINED_NOTE, build_demo_checkpoint
 
@@ -117,7 +112,7 @@ def _main() -> int:
         print(summary(Path(a.demo), m))
         return 0
     if not a.checkpoint or not a.out:
-        raise BadInput("give CHECKPOINT and OUT (or --demo OUT, or --engines BUNDLE); see sf-export --help")
+        raise BadInput("give CHECKPOINT and OUT (or --demo OUT); see sf-export --help")
     m = export(a.checkpoint, a.out, options(a), log)
     print(summary(Path(a.out), m))
     return 0

@@ -113,7 +113,7 @@ def test_cli_one_line_errors(tmp_path):
     assert "Traceback" not in run.stderr
     help_text = subprocess.run([sys.executable, "-m", "sfedge.export.cli", "--help"], capture_output=True,
                                text=True).stdout
-    for opt in ("--demo", "--engines", "--frames", "--slow-pool", "--vision-variants", "--llm-quant",
+    for opt in ("--demo", "--frames", "--slow-pool", "--vision-variants", "--llm-quant",
                 "--allow-low-fidelity", "--calibration-videos"):
         assert opt in help_text
 
