@@ -7,6 +7,7 @@ against the reference (Hugging Face transformers fp32, default sdpa attention).
   sf-bench llm     prefill and decode at 30 tokens and at a video-length context (3,680 + 30)
   sf-bench e2e     a 50-frame question about a real video, then a follow-up, against the reference pipeline
   sf-bench vision  frames per second of the vision graph variants against PyTorch eager, with cosine
+  sf-bench scale   the cost of each stage of our path as the frame count (and so the context) grows
 """
 from __future__ import annotations
 
@@ -156,8 +157,8 @@ def worker_llamacpp(quant: str, ckpt: Path, context: int) -> dict:
     llm.eval(ids)
     prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for _ in range(DECODE_STEPS):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    for _ in range(DECODE_STEPS):  # a fixed token: the cost of a step does not depend on which token it is
+        llm.eval([100])
     return {"prefill_s": prefill, "decode_tok_s": DECODE_STEPS / (time.perf_counter() - t0), "peak_rss": _peak()}
 
 
@@ -228,6 +229,23 @@ class _FirstToken:
         pass
 
 
+SCALE_FRAMES = (8, 16, 32, 50, 100, 200)
+
+
+def worker_scale(bundle: Path, video: str, frames: int) -> dict:
+    from sfedge.runtime import Runtime
+    from sfedge.runtime.errors import DoesNotFit
+
+    try:
+        rt = Runtime.load(bundle, frames=frames, max_new_tokens=16)
+    except DoesNotFit as e:
+        raise BackendUnavailable(str(e)) from None
+    rt.ask(rt.encode(video, frames=2), "warm up", max_new_tokens=1)
+    ans = rt.ask(video, "Describe the video.", max_new_tokens=16)
+    return {**ans.timings, "visual_tokens": ans.visual_tokens, "frames": len(ans.frames_used),
+            "per_token_s": ans.timings["generate"] / max(ans.generated_tokens, 1), "peak_rss": _peak()}
+
+
 def worker_vision(backend: str, bundle: Path, ckpt: Path, video: str, frames: int) -> dict:
     from sfedge.runtime import manifest
     from sfedge.runtime.video import read_frames
@@ -260,7 +278,8 @@ def worker_vision(backend: str, bundle: Path, ckpt: Path, video: str, frames: in
     return {"fps": frames / dt, "peak_rss": _peak()}
 
 
-WORKERS = {"llm": worker_llm, "e2e": worker_e2e, "vision": worker_vision, "llamacpp": worker_llamacpp}
+WORKERS = {"llm": worker_llm, "e2e": worker_e2e, "vision": worker_vision, "llamacpp": worker_llamacpp,
+           "scale": worker_scale}
 
 
 def _spawn(kind: str, *args) -> dict:
@@ -288,14 +307,20 @@ def ratio(ours: dict, ref: dict, higher_is_better: bool) -> float | None:
 
 
 def read_bandwidth(gb: float = 0.5) -> float:
-    """Bytes per second that numpy reads from memory (a sum over an array far larger than the caches)."""
+    """Bytes per second read from memory by all cores at once (numpy sums, which release the GIL, over parts of
+    an array far larger than the caches): what the decoders can use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = os.cpu_count() or 1
     a = np.ones(int(gb * 1e9 / 8))
-    a.sum()
-    t = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a.sum()
-        t.append(time.perf_counter() - t0)
+    parts = np.array_split(a, n)
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(np.sum, parts))
+        t = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            t.append(time.perf_counter() - t0)
     return a.nbytes / min(t)
 
 
@@ -393,6 +418,32 @@ def bench_vision(bundle, ckpt, repeats, log, video="demo", frames=32) -> dict:
     return {"results": out, "skipped": skipped}
 
 
+def bench_scale(bundle, ckpt, repeats, log, video="bikes") -> dict:
+    from sfedge.runtime.video import demo_video
+
+    source = str(demo_video().with_name("bikes.mp4")) if video == "bikes" else video  # 250 frames: room for 200
+    stages = ("decode", "encode", "aggregate", "prefill", "generate")
+    raw, skipped = {n: [] for n in SCALE_FRAMES}, {}
+    for r in range(repeats):
+        for n in SCALE_FRAMES:
+            if n in skipped:
+                continue
+            log(f"scale repeat {r + 1}/{repeats}: {n} frames")
+            res = _spawn("scale", bundle, source, n)
+            if "error" in res:
+                skipped[n] = res["error"]
+                continue
+            raw[n].append(res)
+    out = {}
+    for n, runs in raw.items():
+        if runs:
+            out[f"{n} frames"] = {**{f"{k}_s": summarize([x[k] for x in runs]) for k in stages},
+                                  "visual_tokens": runs[0]["visual_tokens"],
+                                  "per_token_s": summarize([x["per_token_s"] for x in runs]),
+                                  "peak_mb": summarize([x["peak_rss"] / 1e6 for x in runs])}
+    return {"results": out, "skipped": {f"{k} frames": v for k, v in skipped.items()}}
+
+
 # ---------------------------------------------------------------- report ---------------------------------------
 
 def _fmt(v):
@@ -433,12 +484,22 @@ def plot(report: dict, out: Path):
     except ImportError:
         return None
     res = report["data"].get("results", report["data"])
-    key = {"llm": "decode_tok_s", "vision": "fps", "e2e": "first_total_s"}[report["suite"]]
-    names = [k for k, v in res.items() if isinstance(v, dict) and isinstance(v.get(key), dict)
-             and v[key].get("median")]
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.barh(names, [res[n][key]["median"] for n in names])
-    ax.set_xlabel(key)
+    if report["suite"] == "scale":  # where the time goes, stage by stage, as frames grow
+        names = list(res)
+        left = np.zeros(len(names))
+        for stage in ("decode", "encode", "aggregate", "prefill", "generate"):
+            vals = np.array([res[n][f"{stage}_s"]["median"] or 0 for n in names])
+            ax.barh(names, vals, left=left, label=stage)
+            left += vals
+        ax.set_xlabel("seconds (median)")
+        ax.legend()
+    else:
+        key = {"llm": "decode_tok_s", "vision": "fps", "e2e": "first_total_s"}[report["suite"]]
+        names = [k for k, v in res.items() if isinstance(v, dict) and isinstance(v.get(key), dict)
+                 and v[key].get("median")]
+        ax.barh(names, [res[n][key]["median"] for n in names])
+        ax.set_xlabel(key)
     ax.set_title(f"sf-bench {report['suite']}")
     fig.tight_layout()
     path = out / f"{report['suite']}.png"
@@ -460,11 +521,11 @@ def _main() -> int:
         return 0
     p = argparse.ArgumentParser(prog="sf-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=["llm", "e2e", "vision"])
+    p.add_argument("suite", choices=["llm", "e2e", "vision", "scale"])
     p.add_argument("--bundle", type=Path, help="bundle to measure (default: the cached default workload)")
     p.add_argument("--checkpoint", type=Path, help="the bundle's source checkpoint, for the reference")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--video", default="demo")
+    p.add_argument("--video", help="video for e2e/vision (default: bigbuckbunny.mp4) and scale (default: bikes.mp4)")
     p.add_argument("--out", type=Path, help="write JSON, a markdown table and a PNG plot here")
     a = p.parse_args()
     log = lambda m: print(f"[sf-bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
@@ -475,8 +536,8 @@ def _main() -> int:
         raise BadInput("give both --bundle and --checkpoint (the reference needs the checkpoint), or neither")
     else:
         ckpt, bundle = default_bundle(log)
-    fn = {"llm": bench_llm, "e2e": bench_e2e, "vision": bench_vision}[a.suite]
-    kw = {"video": a.video} if a.suite != "llm" else {}
+    fn = {"llm": bench_llm, "e2e": bench_e2e, "vision": bench_vision, "scale": bench_scale}[a.suite]
+    kw = {"video": a.video} if a.suite != "llm" and a.video else {}
     data = fn(bundle, ckpt, a.repeats, log, **kw)
     report = {"suite": a.suite, "machine": machine(), "command": " ".join(["sf-bench", *sys.argv[1:]]),
               "data": data}

@@ -45,6 +45,7 @@ class Options:
     allow_low_fidelity: bool = False
     force: bool = False
     fidelity_text_tokens: int = 2048
+    nf4: bool = False
     note: str | None = None
 
     def check(self):
@@ -178,6 +179,20 @@ def _build(ckpt, bundle: Path, work: Path, opts: Options, log) -> dict:
     figures = llm_fidelity.measure(lm, ckpt.tokenizer, bundle, llm_spec, prompt,
                                    text_tokens=opts.fidelity_text_tokens, visual_tokens=visual, log=log)
     report["llm"] = llm_fidelity.verdict(figures, opts.llm_precision)
+    nf4_section = None
+    if opts.nf4:
+        from . import nf4
+
+        log("quantizing the language model to bitsandbytes nf4 (the PyTorch hosts' backend)")
+        nf4_section = nf4.write_nf4(lm, bundle, work)
+        ids = np.array(ckpt.tokenizer(calibration.english_text(), add_special_tokens=False)["input_ids"]
+                       [:opts.fidelity_text_tokens])
+        ppl = nf4.perplexity(bundle, ids)
+        ref = report["llm"]["perplexity"]["reference"]
+        report["llm_nf4"] = {"perplexity": {"exported": ppl, "reference": ref, "ratio": ppl / ref},
+                             "threshold": f"perplexity <= {llm_fidelity.MAX_PPL_RATIO}x PyTorch's",
+                             "measured": f"perplexity {ppl / ref:.3f}x",
+                             "passed": ppl / ref <= llm_fidelity.MAX_PPL_RATIO}
 
     failed = [k for k, v in report.items() if not v["passed"]]
     if failed and not opts.allow_low_fidelity:
@@ -199,5 +214,7 @@ def _build(ckpt, bundle: Path, work: Path, opts: Options, log) -> dict:
         "fidelity": report,
         "visual_tokens_per_video": visual_token_count(opts.num_frames, agg, vision["patch_grid"]),
     }
+    if nf4_section:
+        manifest["llm_nf4"] = nf4_section
     manifest_schema.write(bundle, manifest)
     return manifest_schema.load(bundle)

@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
                    help="4-bit block size (default 32; the accurate scheme uses 16)")
     g.add_argument("--embeddings", default="float16", choices=["float16", "float32", "int8"],
                    help="token embedding table dtype (default float16; int8 has one scale per row)")
+    g.add_argument("--nf4", action="store_true",
+                   help="also save a bitsandbytes nf4 copy of the language model (for hosts that run PyTorch)")
     g = p.add_argument_group("checks")
     g.add_argument("--allow-low-fidelity", action="store_true",
                    help="write the bundle even if a graph misses its fidelity threshold (the manifest says so)")
@@ -64,7 +66,7 @@ def options(a):
                    vision_variants=tuple(v.strip() for v in a.vision_variants.split(",") if v.strip()),
                    calibration_videos=a.calibration_videos, llm_precision=a.llm_precision, llm_quant=a.llm_quant,
                    block_size=a.block_size, embeddings=a.embeddings, allow_low_fidelity=a.allow_low_fidelity,
-                   force=a.force, fidelity_text_tokens=a.fidelity_tokens)
+                   force=a.force, fidelity_text_tokens=a.fidelity_tokens, nf4=a.nf4)
 
 
 def summary(out: Path, m: dict) -> str:
@@ -76,7 +78,10 @@ def summary(out: Path, m: dict) -> str:
     for name, f in m["fidelity"].items():
         if not isinstance(f, dict):
             continue
-        if name == "llm":
+        if name == "llm_nf4":
+            lines.append(f"  llm (nf4): perplexity {f['perplexity']['exported']:.2f}  "
+                         f"{'ok' if f['passed'] else 'BELOW THRESHOLD'}")
+        elif name == "llm":
             tf, ppl = f["teacher_forced"], f["perplexity"]
             lines.append(f"  llm ({m['llm']['precision']}): perplexity {ppl['exported']:.2f} (PyTorch "
                          f"{ppl['reference']:.2f}), teacher-forced min cosine {tf['min_cosine']:.4f}, mean top-5 "

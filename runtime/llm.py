@@ -17,7 +17,10 @@ from .generate import Sampling, TextStream, pick
 
 
 class LanguageModel:
-    def __init__(self, root: Path, manifest: dict, max_len: int, providers=None, threads=None):
+    def __init__(self, root: Path, manifest: dict, max_len: int, providers=None, threads=None,
+                 decoder_factory=None):
+        """`decoder_factory(root, spec, max_len, manifest)` swaps the ONNX decoder for another with the same
+        interface (the PyTorch hosts' nf4 backend: sfedge.export.nf4.NF4Decoder)."""
         self.spec = manifest["llm"]
         self.prompt_spec = manifest["prompt"]
         try:
@@ -25,7 +28,8 @@ class LanguageModel:
         except Exception as e:  # tokenizers raises a bare Exception
             raise BadBundle(f"{root / manifest['tokenizer']}: cannot read the tokenizer ({e})") from None
         self.embed = Embeddings(root, self.spec["embeddings"])
-        self.decoder = Decoder(str(root / self.spec["graph"]), self.spec, max_len, providers, threads)
+        self.decoder = (decoder_factory(root, self.spec, max_len, manifest) if decoder_factory
+                        else Decoder(str(root / self.spec["graph"]), self.spec, max_len, providers, threads))
         self.eos = set(self.prompt_spec["eos_token_ids"])
 
     @property

@@ -131,7 +131,8 @@ def referenced_paths(manifest: dict) -> list[str]:
     llm = manifest["llm"]
     paths = [*manifest["vision"]["graphs"].values(), manifest["aggregator"]["graph"], llm["graph"],
              manifest["tokenizer"], *llm["embeddings"]["files"].values()]
-    paths += [p for p in llm.get("external_data", [])]
+    paths += llm.get("external_data", [])
+    paths += manifest.get("llm_nf4", {}).get("files", [])
     return paths
 
 

@@ -1,10 +1,19 @@
-"""Resident memory of this process: current, and the peak since start (the kernel's high-water mark)."""
+"""Resident memory of this process: current, and the peak since it started."""
 from __future__ import annotations
 
 import sys
 
 
 def peak_rss() -> int:
+    """The high-water mark of this program's memory. Linux: VmHWM, which starts afresh at exec (ru_maxrss would
+    carry over the parent's peak into a worker process)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

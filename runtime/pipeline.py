@@ -80,13 +80,14 @@ class AnswerStream:
 
 
 class Runtime:
-    def __init__(self, root: Path, manifest: dict, plan: Plan, device: str, threads: int | None):
+    def __init__(self, root: Path, manifest: dict, plan: Plan, device: str, threads: int | None,
+                 decoder_factory=None):
         self.root, self.manifest, self.plan, self.device = root, manifest, plan, device
         prov = providers(device, cache_dir=root / ".engine-cache")
         v = manifest["vision"]
         self.vision = Graph(root / v["graphs"][plan.vision_variant], prov, threads)
         self.aggregator = Graph(root / manifest["aggregator"]["graph"], prov, threads)
-        self.llm = LanguageModel(root, manifest, plan.context, prov, threads)
+        self.llm = LanguageModel(root, manifest, plan.context, prov, threads, decoder_factory)
         self.size = tuple(v["image_size"])
         self._prefix = None  # (video key, KV length after the visual prefix)
         self._last_video = None  # (source identity, VisualTokens) for follow-ups given by path
@@ -94,12 +95,12 @@ class Runtime:
     @classmethod
     def load(cls, bundle, device: str = "cpu", memory_budget=None, frames: int | None = None,
              max_new_tokens: int = 256, vision_variant: str | None = None, threads: int | None = None,
-             verify: bool = True) -> "Runtime":
+             verify: bool = True, decoder_factory=None) -> "Runtime":
         root = Path(bundle)
         m = manifest_io.load(root, verify_hashes=verify, hash_cache=manifest_io.HashCache())
         budget = parse_size(memory_budget) if memory_budget is not None else None
         plan = make_plan(m, budget, frames, max_new_tokens, vision_variant)
-        return cls(root, m, plan, device, threads)
+        return cls(root, m, plan, device, threads, decoder_factory)
 
     @property
     def untrained_note(self) -> str | None:

@@ -85,10 +85,11 @@ def read_frames(video: str | Path, num_frames: int, size: tuple[int, int]) -> Fr
                 if frames is None:
                     notes.append(f"seeking failed; the container claims {count} frames; read sequentially")
             if frames is None:
+                claimed = count
                 frames, idx, count = _read_sequentially(path, idx, size)
                 method = "scan"
-                if frames is not None and not notes and len(frames) < len(idx):
-                    notes.append("fewer frames decoded than the container claims")
+                if count and count != claimed:
+                    notes.append(f"the container claims {claimed} frames but {count} decode; sampled among those")
         else:
             notes.append("the container does not give a frame count; counted frames by a sequential read")
             total = _count_frames(cap)
