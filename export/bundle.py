@@ -5,6 +5,7 @@ fidelity check, so an export that fails or is interrupted leaves no half bundle 
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ import torch
 from sfedge import calibration
 from sfedge.calibration.frames import sample_frames
 from sfedge.runtime import manifest as manifest_schema
-from sfedge.runtime.errors import BadInput, LowFidelity
+from sfedge.runtime.errors import BadInput, ExportFailed, LowFidelity
 from sfedge.runtime.tokens import slow_indices, visual_token_count
 
 from . import checkpoint as ckpt_io
@@ -90,6 +91,11 @@ def export(checkpoint_dir, out_dir, opts: Options, log=None) -> dict:
         manifest = _build(ckpt, staging, work, opts, log)
         _replace(staging, out)
         return manifest
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ExportFailed(f"{out.parent}: disk full while writing the bundle ({e.strerror}); nothing was "
+                               f"written, free some space and export again") from None
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)

@@ -74,7 +74,11 @@ class NF4Decoder:
     def rewind(self, length: int) -> None:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot rewind to {length}: cache holds {self.length} positions")
-        self.cache.crop(length)
+        if length == 0:
+            import transformers
+            self.cache = transformers.DynamicCache()
+        elif length < self.length:
+            self.cache.crop(length - self.length)  # transformers 5: a negative count of positions to drop
         self.length = length
 
     def forward(self, embeds: np.ndarray, chunk: int = 512) -> np.ndarray:

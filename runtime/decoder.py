@@ -21,7 +21,10 @@ class Decoder:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(graph_path, opts, providers=providers or ["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(graph_path, opts, providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise GraphFailed(f"{graph_path}: ONNX Runtime cannot load this graph: {e}") from None
         self.graph_path = graph_path
         self.spec = spec
         self.max_len = max_len

@@ -39,3 +39,8 @@ class LowFidelity(SFEdgeError):
 class GraphFailed(SFEdgeError):
     """ONNX Runtime failed while running one of the bundle's graphs."""
     exit_code = 8
+
+
+class ExportFailed(SFEdgeError):
+    """The export could not finish (a full disk, say); nothing was written."""
+    exit_code = 9

@@ -51,8 +51,9 @@ class LanguageModel:
         return self.decoder.forward(embeds, chunk)
 
     def generate(self, logits: np.ndarray, max_new_tokens: int, sampling: Sampling,
-                 stats: dict | None = None) -> Iterator[str]:
-        """Stream text pieces, starting from the logits after the prompt."""
+                 stats: dict | None = None, min_new_tokens: int = 0) -> Iterator[str]:
+        """Stream text pieces, starting from the logits after the prompt. EOS is suppressed until
+        min_new_tokens have been generated."""
         if self.decoder.length + max_new_tokens > self.decoder.max_len:
             max_new_tokens = self.decoder.max_len - self.decoder.length
             if max_new_tokens <= 0:
@@ -61,7 +62,10 @@ class LanguageModel:
         stream = TextStream(self.tokenizer, self.prompt_spec["stop_strings"])
         t0, n = time.perf_counter(), 0
         tokens = []
+        eos = np.array(sorted(self.eos), dtype=np.int64)
         for _ in range(max_new_tokens):
+            if n < min_new_tokens:
+                logits[eos] = -np.inf
             tok = pick(logits, sampling, rng)
             if tok in self.eos:
                 break

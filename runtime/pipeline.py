@@ -149,7 +149,7 @@ class Runtime:
 
     def ask(self, video, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, style: str = "plain",
-            options: list[str] | None = None, stream: bool = False):
+            options: list[str] | None = None, stream: bool = False, min_new_tokens: int = 0):
         """Answer a question about a video (a path, "demo", or VisualTokens from encode). Greedy by default."""
         max_new_tokens = self.plan.max_new_tokens if max_new_tokens is None else max_new_tokens
         if max_new_tokens < 1:
@@ -180,7 +180,7 @@ class Runtime:
         timings["prefill"] = time.perf_counter() - t0
         prompt_tokens = self.llm.length
         stats = {}
-        pieces = self.llm.generate(logits, max_new_tokens, sampling, stats)
+        pieces = self.llm.generate(logits, max_new_tokens, sampling, stats, min_new_tokens)
         if p.answer_start:
             pieces = _prepend(p.answer_start, pieces)
 

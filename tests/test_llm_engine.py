@@ -142,3 +142,23 @@ def test_sampling_rules():
     assert {pick(logits, Sampling(temperature=5.0, top_p=0.3), rng) for _ in range(50)} == {1}
     with pytest.raises(ValueError):
         Sampling(temperature=-1)
+
+
+@pytest.mark.slow
+def test_nf4_backend_behind_the_same_interface(make_checkpoint, tmp_path):
+    """The bitsandbytes nf4 copy is written, hash-listed, and drives the same LanguageModel generation loop."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import export_tiny
+    from sfedge.export.nf4 import NF4Decoder
+    from sfedge.runtime import Runtime, manifest
+
+    m = export_tiny(make_checkpoint(), tmp_path / "b", nf4=True)
+    assert m["llm_nf4"]["files"] and all(f in m["artifacts"] for f in m["llm_nf4"]["files"])
+    assert m["fidelity"]["llm_nf4"]["passed"]
+    rt = Runtime.load(tmp_path / "b", decoder_factory=NF4Decoder, max_new_tokens=6)
+    assert isinstance(rt.llm.decoder, NF4Decoder)
+    video = rt.encode("demo")
+    first = rt.ask(video, "What happens?")
+    again = rt.ask(video, "What happens?")  # rewound to the visual prefix: same greedy answer
+    assert again.reused_prefix and again.text == first.text and first.generated_tokens > 0
+    manifest.load(tmp_path / "b")
