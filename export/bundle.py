@@ -47,6 +47,7 @@ class Options:
     force: bool = False
     fidelity_text_tokens: int = 2048
     nf4: bool = False
+    kv_cache: str = "float32"
     note: str | None = None
 
     def check(self):
@@ -61,6 +62,8 @@ class Options:
             raise BadInput(f"--llm-precision int4|fp32 and --llm-quant {'|'.join(llm.QUANT_SCHEMES)}")
         if self.block_size not in (32, 64, 128):
             raise BadInput("--block-size must be 32, 64 or 128")
+        if self.kv_cache not in ("float32", "int8"):
+            raise BadInput("--kv-cache must be float32 or int8")
         if self.embeddings not in ("float16", "float32", "int8"):
             raise BadInput("--embeddings must be float16, float32 or int8")
 
@@ -169,19 +172,20 @@ def _build(ckpt, bundle: Path, work: Path, opts: Options, log) -> dict:
                                                         "slow_index": slow_indices(t, opts.slow_frames)})
         report[f"aggregator.T{t}"] = fidelity.verdict(fidelity.compare(ref_tokens, got), "fp32")
 
+    # Real visual tokens in front of a question: int4 (and int8 KV) error on them is what text-only checks miss.
+    with torch.no_grad():
+        visual = reference_tokens(torch.from_numpy(ref), opts.slow_frames, vision["patch_grid"], skip,
+                                  opts.slow_pool, opts.fast_grid).numpy()
     log(f"language model: {ckpt.language_model_type}, {opts.llm_precision}")
     lm = llm.language_model(ckpt)
     llm_spec = llm.write_llm(lm, ckpt.tokenizer, bundle, work, precision=opts.llm_precision,
-                             block_size=opts.block_size, scheme=opts.llm_quant, embed_dtype=opts.embeddings, log=log)
+                             block_size=opts.block_size, scheme=opts.llm_quant, embed_dtype=opts.embeddings,
+                             kv_cache=opts.kv_cache, visual_tokens=visual, log=log)
     prompt = prompt_spec(ckpt.tokenizer, vision["image_token"], eos_ids(ckpt.model, ckpt.tokenizer))
     tok_dir = work / "tokenizer"
     ckpt.tokenizer.save_pretrained(tok_dir)
     shutil.copy(tok_dir / "tokenizer.json", bundle / "tokenizer.json")
 
-    # Real visual tokens in front of the question: int4 error on them is what text-only checks miss.
-    with torch.no_grad():
-        visual = reference_tokens(torch.from_numpy(ref), opts.slow_frames, vision["patch_grid"], skip,
-                                  opts.slow_pool, opts.fast_grid).numpy()
     figures = llm_fidelity.measure(lm, ckpt.tokenizer, bundle, llm_spec, prompt,
                                    text_tokens=opts.fidelity_text_tokens, visual_tokens=visual, log=log)
     report["llm"] = llm_fidelity.verdict(figures, opts.llm_precision)

@@ -44,6 +44,9 @@ def parser() -> argparse.ArgumentParser:
                    help="4-bit block size (default 32; the accurate scheme uses 16)")
     g.add_argument("--embeddings", default="float16", choices=["float16", "float32", "int8"],
                    help="token embedding table dtype (default float16; int8 has one scale per row)")
+    g.add_argument("--kv-cache", default="float32", choices=["float32", "int8"],
+                   help="KV-cache precision: int8 (per-layer scales calibrated at export) reads fewer bytes per "
+                        "generated token at video context; prefill is slower with it (default float32)")
     g.add_argument("--nf4", action="store_true",
                    help="also save a bitsandbytes nf4 copy of the language model (for hosts that run PyTorch)")
     g = p.add_argument_group("checks")
@@ -66,7 +69,8 @@ def options(a):
                    vision_variants=tuple(v.strip() for v in a.vision_variants.split(",") if v.strip()),
                    calibration_videos=a.calibration_videos, llm_precision=a.llm_precision, llm_quant=a.llm_quant,
                    block_size=a.block_size, embeddings=a.embeddings, allow_low_fidelity=a.allow_low_fidelity,
-                   force=a.force, fidelity_text_tokens=a.fidelity_tokens, nf4=a.nf4)
+                   force=a.force, fidelity_text_tokens=a.fidelity_tokens, nf4=a.nf4,
+                   kv_cache=a.kv_cache)
 
 
 def summary(out: Path, m: dict) -> str:

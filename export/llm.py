@@ -8,6 +8,7 @@ k-quant and mixed-precision schemes.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -45,12 +46,38 @@ def language_model(ckpt) -> transformers.PreTrainedModel:
     return lm.eval()
 
 
-def build_decoder(lm, tokenizer, work: Path, precision: str, block_size: int, scheme: str, log) -> Path:
+def kv_scales(lm, tokenizer, path: Path, visual_tokens: np.ndarray | None = None) -> Path:
+    """Per-layer int8 KV-cache scales (absmax / 127 of keys after RoPE and of values), calibrated on English prose
+    and, when given, on a prompt behind real visual tokens: the values a video question puts in the cache."""
+    from sfedge import calibration
+
+    ids = tokenizer(calibration.english_text(), add_special_tokens=False)["input_ids"][:1024]
+    table = lm.get_input_embeddings().weight.detach()
+    inputs = [table[ids]]
+    if visual_tokens is not None:
+        inputs.append(torch.from_numpy(visual_tokens).float())
+    k_max = np.zeros(lm.config.num_hidden_layers)
+    v_max = np.zeros(lm.config.num_hidden_layers)
+    with torch.no_grad():
+        for embeds in inputs:
+            cache = lm(inputs_embeds=embeds[None], use_cache=True).past_key_values
+            for i, layer in enumerate(cache.layers):
+                k_max[i] = max(k_max[i], float(layer.keys.abs().max()))
+                v_max[i] = max(v_max[i], float(layer.values.abs().max()))
+    path.write_text(json.dumps({"scales": {"k_scales": list(k_max / 127), "v_scales": list(v_max / 127)},
+                                "qmax": 127}))
+    return path
+
+
+def build_decoder(lm, tokenizer, work: Path, precision: str, block_size: int, scheme: str, log,
+                  kv_scale_file: Path | None = None) -> Path:
     """Run the model builder on a saved copy of the language model. Returns the folder with model.onnx."""
     hf_dir, onnx_dir = work / "lm-hf", work / "lm-onnx"
     lm.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
     extra = ["exclude_embeds=true", "prune_lm_head=true", "hf_token=false", "hf_remote=false"]
+    if kv_scale_file:
+        extra += ["kv_cache_quant_scheme=int8_per_tensor", f"kv_cache_scale_file={kv_scale_file}"]
     if precision == "int4":
         options = {"block_size": block_size, "is_symmetric": "true", **QUANT_SCHEMES[scheme]}
         extra += [f"{k}={v}" for k, v in options.items()]
@@ -67,10 +94,14 @@ def build_decoder(lm, tokenizer, work: Path, precision: str, block_size: int, sc
 
 
 def write_llm(ckpt_or_lm, tokenizer, bundle: Path, work: Path, *, precision="int4", block_size=32, scheme="rtn-mixed",
-              embed_dtype="float16", log=print) -> dict:
+              embed_dtype="float16", kv_cache="float32", visual_tokens=None, log=print) -> dict:
     """Write llm/ into the bundle; return the manifest's "llm" section (fidelity is added by the caller)."""
     lm = ckpt_or_lm if isinstance(ckpt_or_lm, transformers.PreTrainedModel) else language_model(ckpt_or_lm)
-    onnx_dir = build_decoder(lm, tokenizer, work, precision, block_size, scheme, log)
+    scales = None
+    if kv_cache == "int8":
+        log("calibrating int8 KV-cache scales")
+        scales = kv_scales(lm, tokenizer, work / "kv-scales.json", visual_tokens)
+    onnx_dir = build_decoder(lm, tokenizer, work, precision, block_size, scheme, log, scales)
     dst = bundle / "llm"
     dst.mkdir()
     graph_files = ["model.onnx"] + [p.name for p in onnx_dir.glob("model.onnx.data")]
@@ -103,4 +134,6 @@ def write_llm(ckpt_or_lm, tokenizer, bundle: Path, work: Path, *, precision="int
         "vocab_size": cfg.vocab_size,
         "max_context": cfg.max_position_embeddings,
         "embeddings": {"dtype": embed_dtype, "files": files},
+        "kv_dtype": "int8" if kv_cache == "int8" else "float32",
+        **({"kv_scales": json.loads(scales.read_text())["scales"]} if scales else {}),
     }

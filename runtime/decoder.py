@@ -31,8 +31,10 @@ class Decoder:
         self.length = 0
         layers, kv_heads, head_dim = spec["num_layers"], spec["num_kv_heads"], spec["head_dim"]
         shape = [1, kv_heads, max_len, head_dim]
-        self._kv = [(ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32),
-                     ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32)) for _ in range(layers)]
+        kv_type = next(i.type for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
+        dtype = KV_TYPES[kv_type]  # fp32, or int8 when the graph was built with a calibrated int8 KV cache
+        self._kv = [(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype),
+                     ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype)) for _ in range(layers)]
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, spec["vocab_size"]], np.float32)
         self._mask = np.ones((1, max_len), dtype=np.int64)
         self._binding = self.session.io_binding()
@@ -79,6 +81,10 @@ class Decoder:
         return self._logits.numpy()[0, -1].copy()
 
 
+KV_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
+
+
 def kv_bytes_per_token(spec: dict) -> int:
-    """fp32 key + value for every layer: the KV cost of one more token of context."""
-    return 2 * spec["num_layers"] * spec["num_kv_heads"] * spec["head_dim"] * 4
+    """Key + value for every layer: the KV cost of one more token of context."""
+    width = np.dtype(spec.get("kv_dtype", "float32")).itemsize
+    return 2 * spec["num_layers"] * spec["num_kv_heads"] * spec["head_dim"] * width

@@ -30,7 +30,7 @@ SCHEMA = {
     "aggregator": {"graph": str, "num_frames": int, "slow_frames": int, "slow_pool": str, "fast_grid": list},
     "llm": {
         "graph": str, "precision": str, "num_layers": int, "num_kv_heads": int, "head_dim": int,
-        "hidden_size": int, "vocab_size": int, "max_context": int, "embeddings": dict,
+        "hidden_size": int, "vocab_size": int, "max_context": int, "embeddings": {"dtype": str, "files": dict},
     },
     "tokenizer": str,
     "prompt": {"prefix": str, "suffix": str, "image_token": str, "eos_token_ids": list, "stop_strings": list},
@@ -119,7 +119,11 @@ def load(root: Path, verify_hashes: bool = True, hash_cache: "HashCache | None" 
             digest = hash_cache.sha256(path) if hash_cache else sha256_file(path)
             if digest != entry["sha256"]:
                 raise BadBundle(f"{path}: sha256 differs from the manifest (tampered or corrupted); refusing to load")
-    for rel in referenced_paths(manifest):
+    try:
+        used = referenced_paths(manifest)
+    except BadBundle as e:
+        raise BadBundle(f"{where}: {e}") from None
+    for rel in used:
         resolve_inside(root, rel, where)
         if rel not in artifacts:
             raise BadBundle(f"{where}: {rel!r} is used but not listed (with its hash) among the artifacts")
@@ -129,10 +133,17 @@ def load(root: Path, verify_hashes: bool = True, hash_cache: "HashCache | None" 
 def referenced_paths(manifest: dict) -> list[str]:
     """Every file the runtime opens, so that each is hash-checked."""
     llm = manifest["llm"]
-    paths = [*manifest["vision"]["graphs"].values(), manifest["aggregator"]["graph"], llm["graph"],
-             manifest["tokenizer"], *llm["embeddings"]["files"].values()]
-    paths += llm.get("external_data", [])
-    paths += manifest.get("llm_nf4", {}).get("files", [])
+    nf4 = manifest.get("llm_nf4", {})
+    parts = {"vision.graphs": manifest["vision"]["graphs"], "llm.embeddings.files": llm["embeddings"].get("files"),
+             "llm.external_data": llm.get("external_data", []),
+             "llm_nf4.files": nf4.get("files", []) if isinstance(nf4, dict) else None}
+    paths = [manifest["aggregator"]["graph"], llm["graph"], manifest["tokenizer"]]
+    for name, value in parts.items():
+        if isinstance(value, dict):
+            value = list(value.values())
+        if not isinstance(value, list):
+            raise BadBundle(f"manifest field '{name}' must be a list or object of paths")
+        paths += value
     return paths
 
 

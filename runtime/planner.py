@@ -26,7 +26,7 @@ class Plan:
     encode_chunk: int
     prefill_chunk: int
     vision_variant: str
-    kv_precision: str = "fp32"  # the CPU GroupQueryAttention graph keeps fp32 KV
+    kv_precision: str = "float32"  # the bundle's KV dtype: float32, or int8 if exported with --kv-cache int8
     parts: dict = field(default_factory=dict)  # name -> bytes
     budget: int | None = None
 
@@ -102,7 +102,8 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
         for pre in PREFILL_CHUNKS:
             parts = {**fixed, f"encoder activations ({enc} frames)": enc * encoder_bytes_per_frame(v),
                      f"prefill activations ({pre} tokens)": prefill_bytes(llm, pre, context)}
-            plan = Plan(frames, visual, context, max_new_tokens, enc, pre, variant, parts=parts, budget=budget)
+            plan = Plan(frames, visual, context, max_new_tokens, enc, pre, variant, llm.get("kv_dtype", "float32"),
+                        parts=parts, budget=budget)
             if budget is None or plan.total <= budget:
                 return plan
     over = plan.total - budget
@@ -112,6 +113,8 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
         advice.append("the int8 vision graph")
     if frames > 8:
         advice.append(f"fewer frames (each frame adds {human(kv_bytes_per_token(llm) * agg['fast_grid'][0] * agg['fast_grid'][1])} of KV cache)")
+    if llm.get("kv_dtype", "float32") != "int8":
+        advice.append("a bundle exported with --kv-cache int8 (a quarter of the KV bytes)")
     advice.append("a smaller max_new_tokens")
     raise DoesNotFit(f"the plan needs {human(plan.total)} even at 1-frame encode chunks and {pre}-token prefill: "
                      f"{human(over)} over the {human(budget)} budget; the largest part is {biggest} "

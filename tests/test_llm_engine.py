@@ -162,3 +162,21 @@ def test_nf4_backend_behind_the_same_interface(make_checkpoint, tmp_path):
     again = rt.ask(video, "What happens?")  # rewound to the visual prefix: same greedy answer
     assert again.reused_prefix and again.text == first.text and first.generated_tokens > 0
     manifest.load(tmp_path / "b")
+
+
+def test_int8_kv_cache_is_calibrated_planned_and_runs(make_checkpoint, tmp_path):
+    from conftest import export_tiny
+    from sfedge.runtime import Runtime
+    from sfedge.runtime.planner import make_plan
+
+    m = export_tiny(make_checkpoint(), tmp_path / "b", llm_precision="int4", kv_cache="int8",
+                    allow_low_fidelity=True)
+    llm = m["llm"]
+    assert llm["kv_dtype"] == "int8" and len(llm["kv_scales"]["k_scales"]) == llm["num_layers"]
+    assert all(s > 0 for s in llm["kv_scales"]["k_scales"] + llm["kv_scales"]["v_scales"])
+    plan = make_plan(m)
+    assert plan.kv_precision == "int8" and plan.parts["kv cache"] == plan.context * 2 * 2 * 2 * 16
+    rt = Runtime.load(tmp_path / "b", max_new_tokens=4)
+    assert rt.llm.decoder._kv[0][0].data_type() == "tensor(int8)"
+    video = rt.encode("demo")
+    assert rt.ask(video, "What?").text == rt.ask(video, "What?").text
