@@ -103,9 +103,11 @@ def _torch_lm(backend: str, ckpt: Path):
     import torch
     import transformers
 
+    from .llm import language_model
+
     if backend == "transformers-fp32":
         full = transformers.LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
-        return _causal(full).eval()
+        return language_model(full).eval()
     if backend == "bnb-nf4":
         try:
             import bitsandbytes  # noqa: F401
@@ -114,19 +116,12 @@ def _torch_lm(backend: str, ckpt: Path):
         lm_dir = CACHE / "lm-hf"
         if not (lm_dir / "config.json").exists():
             full = transformers.LlavaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
-            _causal(full).save_pretrained(lm_dir)
+            language_model(full).save_pretrained(lm_dir)
         q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                             bnb_4bit_compute_dtype=torch.float32)
         return transformers.AutoModelForCausalLM.from_pretrained(lm_dir, quantization_config=q,
                                                                  device_map="cpu").eval()
     raise BadInput(f"unknown backend {backend}")
-
-
-def _causal(full):
-    from types import SimpleNamespace
-
-    from .llm import language_model
-    return language_model(SimpleNamespace(model=full))
 
 
 def worker_llamacpp(quant: str, ckpt: Path, context: int) -> dict:

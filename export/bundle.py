@@ -177,7 +177,7 @@ def _build(ckpt, bundle: Path, work: Path, opts: Options, log) -> dict:
         visual = reference_tokens(torch.from_numpy(ref), opts.slow_frames, vision["patch_grid"], skip,
                                   opts.slow_pool, opts.fast_grid).numpy()
     log(f"language model: {ckpt.language_model_type}, {opts.llm_precision}")
-    lm = llm.language_model(ckpt)
+    lm = llm.language_model(ckpt.model)
     llm_spec = llm.write_llm(lm, ckpt.tokenizer, bundle, work, precision=opts.llm_precision,
                              block_size=opts.block_size, scheme=opts.llm_quant, embed_dtype=opts.embeddings,
                              kv_cache=opts.kv_cache, visual_tokens=visual, log=log)

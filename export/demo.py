@@ -49,10 +49,8 @@ def smollm2_model():
     return model.eval()
 
 
-def vision_config(tower: str, size: str, image_size: int | None = None):
+def vision_config(tower: str, size: str):
     kw = dict(TOWERS[size])
-    if image_size:
-        kw["image_size"] = image_size
     return CLIPVisionConfig(**kw) if tower == "clip" else SiglipVisionConfig(**kw)
 
 

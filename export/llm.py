@@ -36,12 +36,11 @@ QUANT_SCHEMES = {
 }
 
 
-def language_model(ckpt) -> transformers.PreTrainedModel:
-    """The checkpoint's language model as a standalone CausalLM (what the builder reads)."""
-    text_cfg = ckpt.model.config.text_config
-    lm = transformers.AutoModelForCausalLM.from_config(text_cfg, dtype=torch.float32)
-    lm.model.load_state_dict(ckpt.model.model.language_model.state_dict())
-    lm.lm_head.weight.data.copy_(ckpt.model.lm_head.weight.data)
+def language_model(llava) -> transformers.PreTrainedModel:
+    """A LLaVA-family model's language model as a standalone CausalLM (what the builder reads)."""
+    lm = transformers.AutoModelForCausalLM.from_config(llava.config.text_config, dtype=torch.float32)
+    lm.model.load_state_dict(llava.model.language_model.state_dict())
+    lm.lm_head.weight.data.copy_(llava.lm_head.weight.data)
     lm.config.architectures = [type(lm).__name__]
     return lm.eval()
 
@@ -93,10 +92,9 @@ def build_decoder(lm, tokenizer, work: Path, precision: str, block_size: int, sc
     return onnx_dir
 
 
-def write_llm(ckpt_or_lm, tokenizer, bundle: Path, work: Path, *, precision="int4", block_size=32, scheme="rtn-mixed",
+def write_llm(lm, tokenizer, bundle: Path, work: Path, *, precision="int4", block_size=32, scheme="rtn-mixed",
               embed_dtype="float16", kv_cache="float32", visual_tokens=None, log=print) -> dict:
     """Write llm/ into the bundle; return the manifest's "llm" section (fidelity is added by the caller)."""
-    lm = ckpt_or_lm if isinstance(ckpt_or_lm, transformers.PreTrainedModel) else language_model(ckpt_or_lm)
     scales = None
     if kv_cache == "int8":
         log("calibrating int8 KV-cache scales")

@@ -1,4 +1,4 @@
-"""Resident memory of this process: current, and the peak since it started."""
+"""Peak resident memory of this process."""
 from __future__ import annotations
 
 import sys
@@ -18,9 +18,3 @@ def peak_rss() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-def current_rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss

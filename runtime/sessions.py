@@ -11,7 +11,7 @@ from .errors import BackendUnavailable, GraphFailed
 DEVICES = ("cpu", "cuda", "tensorrt", "auto")
 
 
-def providers(device: str, cache_dir: Path | None = None, gpu_mem_limit: int | None = None) -> list:
+def providers(device: str, cache_dir: Path | None = None) -> list:
     """Provider list for a device, best first, CPU last as the fallback for nodes a GPU provider lacks."""
     available = ort.get_available_providers()
     if device == "auto":
@@ -19,7 +19,7 @@ def providers(device: str, cache_dir: Path | None = None, gpu_mem_limit: int | N
             "cuda" if "CUDAExecutionProvider" in available else "cpu")
     if device not in DEVICES:
         raise BackendUnavailable(f"device {device!r}: choose one of {', '.join(DEVICES)}")
-    cuda = ("CUDAExecutionProvider", {"gpu_mem_limit": gpu_mem_limit} if gpu_mem_limit else {})
+    cuda = "CUDAExecutionProvider"
     if device == "cpu":
         return ["CPUExecutionProvider"]
     need = "CUDAExecutionProvider" if device == "cuda" else "TensorrtExecutionProvider"

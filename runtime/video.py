@@ -68,7 +68,8 @@ def read_frames(video: str | Path, num_frames: int, size: tuple[int, int]) -> Fr
     cap = cv2.VideoCapture(str(path))
     try:
         if not cap.isOpened():
-            raise BadInput(f"{path}: not a video OpenCV can open (unknown container or codec, or not a video)")
+            raise BadInput(f"{path}: not a video OpenCV can open (not a video, an unknown container or codec, or a "
+                           f"truncated file whose index is missing)")
         w, h = cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)
         if w * h > MAX_PIXELS:
             raise BadInput(f"{path}: frames of {int(w)}x{int(h)} are too large to decode safely")
