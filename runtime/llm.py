@@ -60,17 +60,15 @@ class LanguageModel:
                 raise BadInput(f"the prompt fills the whole context of {self.decoder.max_len} tokens")
         rng = np.random.default_rng(sampling.seed)
         stream = TextStream(self.tokenizer, self.prompt_spec["stop_strings"])
-        t0, n = time.perf_counter(), 0
-        tokens = []
+        t0, tokens = time.perf_counter(), []
         eos = np.array(sorted(self.eos), dtype=np.int64)
         for _ in range(max_new_tokens):
-            if n < min_new_tokens:
+            if len(tokens) < min_new_tokens:
                 logits[eos] = -np.inf
             tok = pick(logits, sampling, rng)
             if tok in self.eos:
                 break
             tokens.append(tok)
-            n += 1
             piece = stream.push(tok)
             if piece:
                 yield piece
@@ -81,4 +79,4 @@ class LanguageModel:
         if tail:
             yield tail
         if stats is not None:
-            stats.update(generated_tokens=n, generate_s=time.perf_counter() - t0, token_ids=tokens)
+            stats.update(generated_tokens=len(tokens), generate_s=time.perf_counter() - t0, token_ids=tokens)
