@@ -112,8 +112,8 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
     if variant != "int8" and "int8" in v["graphs"]:
         advice.append("the int8 vision graph")
     if frames > 8:
-        per_frame = kv_bytes_per_token(llm) * agg["fast_grid"][0] * agg["fast_grid"][1]
-        advice.append(f"fewer frames (each frame adds {human(per_frame)} of KV cache)")
+        kv_per_frame = kv_bytes_per_token(llm) * agg["fast_grid"][0] * agg["fast_grid"][1]
+        advice.append(f"fewer frames (each frame adds {human(kv_per_frame)} of KV cache)")
     if llm.get("kv_dtype", "float32") != "int8":
         advice.append("a bundle exported with --kv-cache int8 (a quarter of the KV bytes)")
     advice.append("a smaller max_new_tokens")
