@@ -84,6 +84,7 @@ class Runtime:
                  decoder_factory=None):
         self.root, self.manifest, self.plan, self.device = root, manifest, plan, device
         prov = providers(device, cache_dir=root / ".engine-cache")
+        self.provider = prov[0] if isinstance(prov[0], str) else prov[0][0]  # what "auto" picked
         v = manifest["vision"]
         self.vision = Graph(root / v["graphs"][plan.vision_variant], prov, threads)
         self.aggregator = Graph(root / manifest["aggregator"]["graph"], prov, threads)
