@@ -179,6 +179,7 @@ def worker_e2e(backend: str, bundle: Path, ckpt: Path, video: str, frames: int) 
     from sfedge.export.aggregator import reference_tokens
     from sfedge.export.vision import reference_features
     from sfedge.runtime import manifest
+    from sfedge.runtime.prompt import build
     from sfedge.runtime.video import read_frames
 
     torch.set_num_threads(os.cpu_count())
@@ -194,8 +195,9 @@ def worker_e2e(backend: str, bundle: Path, ckpt: Path, video: str, frames: int) 
             feats = reference_features(c.model, v, torch.from_numpy(px))
             tok = reference_tokens(feats, agg["slow_frames"], v["patch_grid"], int(v["has_cls_token"]),
                                    agg["slow_pool"], agg["fast_grid"])
-            pre = c.tokenizer(p["prefix"], add_special_tokens=p["add_special_tokens"])["input_ids"]
-            post = c.tokenizer("\n" + q + p["suffix"], add_special_tokens=False)["input_ids"]
+            text = build(p, q)
+            pre = c.tokenizer(text.prefix, add_special_tokens=p["add_special_tokens"])["input_ids"]
+            post = c.tokenizer(text.question, add_special_tokens=False)["input_ids"]
             emb = torch.cat([table[pre], tok, table[post]])[None]
             first = {}
             streamer = _FirstToken(first, t0)

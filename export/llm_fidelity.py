@@ -9,6 +9,7 @@ import torch
 from sfedge import calibration
 from sfedge.runtime.decoder import Decoder
 from sfedge.runtime.embeddings import Embeddings
+from sfedge.runtime.prompt import build
 
 # The export gate for int4 catches a broken quantization, not a slightly worse one: perplexity within 35% of
 # PyTorch's and a mean top-5 overlap of 3. How each scheme compares with llama.cpp is measured, not gated
@@ -67,9 +68,9 @@ def measure(lm, tokenizer, bundle, llm_spec: dict, prompt: dict, *, text_tokens=
 
     if visual_tokens is not None:
         log(f"teacher-forced logits after {len(visual_tokens)} visual tokens")
-        pre = tokenizer(prompt["prefix"], add_special_tokens=prompt.get("add_special_tokens", False))["input_ids"]
-        post = tokenizer("\nDescribe what happens in the video." + prompt["suffix"],
-                         add_special_tokens=False)["input_ids"]
+        text = build(prompt, "Describe what happens in the video.")
+        pre = tokenizer(text.prefix, add_special_tokens=prompt.get("add_special_tokens", False))["input_ids"]
+        post = tokenizer(text.question, add_special_tokens=False)["input_ids"]
         c, t, d = _teacher_forced(lm, decoder, embed, table, torch.tensor(pre),
                                   (torch.from_numpy(visual_tokens), torch.tensor(post)), positions)
         out["teacher_forced_video"] = _summary([c], [t], [d], positions)

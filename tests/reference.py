@@ -6,6 +6,7 @@ import torch
 
 from sfedge.export.aggregator import reference_tokens
 from sfedge.export.vision import reference_features
+from sfedge.runtime.prompt import build
 
 
 def visual_tokens(model, vision: dict, agg: dict, frames) -> torch.Tensor:
@@ -17,9 +18,10 @@ def visual_tokens(model, vision: dict, agg: dict, frames) -> torch.Tensor:
 
 def answer_ids(model, tokenizer, manifest: dict, frames, question: str, max_new_tokens: int) -> list[int]:
     p = manifest["prompt"]
+    text = build(p, question)  # the template's text; tokenized here by transformers' own tokenizer
     tokens = visual_tokens(model, manifest["vision"], manifest["aggregator"], frames)
-    pre = tokenizer(p["prefix"], add_special_tokens=p["add_special_tokens"])["input_ids"]
-    post = tokenizer("\n" + question + p["suffix"], add_special_tokens=False)["input_ids"]
+    pre = tokenizer(text.prefix, add_special_tokens=p["add_special_tokens"])["input_ids"]
+    post = tokenizer(text.question, add_special_tokens=False)["input_ids"]
     table = model.get_input_embeddings().weight
     with torch.no_grad():
         embeds = torch.cat([table[pre], tokens, table[post]])[None]

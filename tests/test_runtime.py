@@ -50,9 +50,9 @@ def test_follow_up_reuses_the_prefix_and_matches_a_fresh_answer(tiny_bundle, rt)
         rt.llm.decoder.forward = forward
     assert follow.reused_prefix and not first.reused_prefix
     assert sum(fed) < video.count  # the visual prefix was not fed again
-    assert follow.prompt_tokens - first.prompt_tokens == (
-        len(rt.llm.encode("\n" + QUESTIONS[1] + rt.manifest["prompt"]["suffix"]))
-        - len(rt.llm.encode("\n" + QUESTIONS[0] + rt.manifest["prompt"]["suffix"])))
+    from sfedge.runtime.prompt import build
+    q_len = [len(rt.llm.encode(build(rt.manifest["prompt"], q).question)) for q in QUESTIONS]
+    assert follow.prompt_tokens - first.prompt_tokens == q_len[1] - q_len[0]
     fresh = Runtime.load(tiny_bundle[0], vision_variant="fp32", max_new_tokens=12)
     assert fresh.ask(fresh.encode("demo"), QUESTIONS[1]).text == follow.text
 
