@@ -2,6 +2,7 @@
 handled like Ctrl-C so cleanup code runs."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -19,8 +20,12 @@ def run_cli(prog: str, main_fn) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        # Cleanup already ran on the way up (export's finally blocks). Exit at once with 130: an interrupt that
+        # reached a library's C++ callback can leave CPython flagged to re-raise it as SIGINT at shutdown.
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 def parse_size(text: str) -> int:
