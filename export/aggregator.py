@@ -1,11 +1,12 @@
 """SlowFast-LLaVA's token aggregation, stated once in PyTorch and traced to ONNX.
 
-Input: projected per-frame features [T, P, D] and the slow-pathway frame indices (computed by
-`sfedge.runtime.video.slow_indices`, so dynamic T needs no index arithmetic in the graph). Output: the visual tokens
-[N, D], slow pathway first, then fast, no separators.
+Input: projected per-frame features [T, P, D], the slow-pathway frame indices and the fast-pathway frame indices
+(computed by the runtime, so dynamic T needs no index arithmetic in the graph: uniform sampling passes
+`sfedge.runtime.tokens.slow_indices` and every frame; question-aware selection passes the frames it chose among
+more candidates). Output: the visual tokens [N, D], slow pathway first, then fast, no separators.
   slow: the S chosen frames, each pooled over its row-major flattened tokens by a 1-D pool (kernel 2, stride 2),
         or over its grid by a 2-D pool (kernel 2, stride 2); max or average.
-  fast: every frame, adaptive average pooling of the grid to fast_grid, with PyTorch's bins (start = floor(i*n/o),
+  fast: every fast-pathway frame, adaptive average pooling of the grid to fast_grid, with PyTorch's bins (start = floor(i*n/o),
         end = ceil((i+1)*n/o)), so a 27x27 grid pools as torch does.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ class SlowFastAggregator(torch.nn.Module):
         self.register_buffer("pool_h", adaptive_matrix(grid[0], fast_grid[0]))
         self.register_buffer("pool_w", adaptive_matrix(grid[1], fast_grid[1]))
 
-    def forward(self, features: torch.Tensor, slow_index: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, slow_index: torch.Tensor, fast_index: torch.Tensor) -> torch.Tensor:
         gh, gw = self.grid
         x = features[:, self.skip:, :]  # drop a kept CLS token: pooling works on the patch grid
         d = x.shape[-1]
@@ -51,7 +52,7 @@ class SlowFastAggregator(torch.nn.Module):
             pool = F.max_pool2d if self.slow_pool == "max2d" else F.avg_pool2d
             s = slow.reshape(-1, gh, gw, d).permute(0, 3, 1, 2)
             slow = pool(s, 2, 2).permute(0, 2, 3, 1).reshape(-1, d)
-        grid = x.reshape(-1, gh, gw, d)
+        grid = x.index_select(0, fast_index).reshape(-1, gh, gw, d)
         fast = torch.einsum("oh,thwd,pw->topd", self.pool_h, grid, self.pool_w).reshape(-1, d)
         return torch.cat([slow, fast], 0)
 

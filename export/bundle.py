@@ -23,7 +23,7 @@ from sfedge.runtime.errors import BadInput, ExportFailed, LowFidelity
 from sfedge.runtime.tokens import slow_indices, visual_token_count
 
 from . import checkpoint as ckpt_io
-from . import fidelity, graphs, llm, llm_fidelity
+from . import clip, fidelity, graphs, llm, llm_fidelity
 from .aggregator import POOLS, reference_tokens
 from .prompt_spec import eos_ids, prompt_spec
 from .vision import reference_features
@@ -49,6 +49,10 @@ class Options:
     nf4: bool = False
     kv_cache: str = "float32"
     note: str | None = None
+    clip: str | None = None  # CLIP / SigLIP checkpoint folder: question-aware selection and pooling
+    allow_mismatched_clip: bool = False
+    pooling_kernel: tuple = (2, 3, 3)  # prompt-guided pooling window over T, H, W
+    pooling_temperature: float = 0.01
 
     def check(self):
         if self.slow_pool not in POOLS:
@@ -66,6 +70,8 @@ class Options:
             raise BadInput("--kv-cache must be float32 or int8")
         if self.embeddings not in ("float16", "float32", "int8"):
             raise BadInput("--embeddings must be float16, float32 or int8")
+        if len(self.pooling_kernel) != 3 or min(self.pooling_kernel) < 1 or self.pooling_temperature <= 0:
+            raise BadInput("--pooling-kernel needs three positive sizes and --pooling-temperature a positive value")
 
 
 class Log:
@@ -87,11 +93,17 @@ def export(checkpoint_dir, out_dir, opts: Options, log=None) -> dict:
         raise BadInput(f"{out}: already exists; choose another folder or pass --force to replace it")
     log(f"reading checkpoint {checkpoint_dir}")
     ckpt = ckpt_io.load(checkpoint_dir)
+    side = None
+    if opts.clip:
+        log(f"reading the CLIP side {opts.clip} and comparing its vision tower with the checkpoint's")
+        side = clip.load(opts.clip, ckpt, opts.allow_mismatched_clip)
+        if side.difference:
+            log(f"warning: mismatched CLIP tower allowed: {side.difference}")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     work = Path(tempfile.mkdtemp(prefix="sfedge-export-"))
     try:
-        manifest = _build(ckpt, staging, work, opts, log)
+        manifest = _build(ckpt, staging, work, opts, log, side)
         _replace(staging, out)
         return manifest
     except OSError as e:
@@ -126,7 +138,7 @@ def _replace(staging: Path, out: Path):
         os.rename(staging, out)
 
 
-def _build(ckpt, bundle: Path, work: Path, opts: Options, log) -> dict:
+def _build(ckpt, bundle: Path, work: Path, opts: Options, log, side=None) -> dict:
     vision = dict(ckpt.vision)
     agg = {"graph": "aggregator.onnx", "num_frames": opts.num_frames, "slow_frames": opts.slow_frames,
            "slow_pool": opts.slow_pool, "fast_grid": list(opts.fast_grid)}
@@ -134,11 +146,15 @@ def _build(ckpt, bundle: Path, work: Path, opts: Options, log) -> dict:
     frames = sample_frames(opts.calibration_videos, tuple(vision["image_size"]), count=8)
     with torch.no_grad():
         ref = reference_features(ckpt.model, vision, torch.from_numpy(frames)).numpy()
+    clip_ref = side and clip.reference_outputs(side, ckpt.model, vision, torch.from_numpy(frames))
 
     log(f"tracing the vision tower + projector ({vision['tower']}, {vision['patch_grid'][0]}x"
         f"{vision['patch_grid'][1]} grid) to ONNX")
     vision["graphs"] = {"fp32": "vision.fp32.onnx"}
-    graphs.export_vision(ckpt.model, vision, bundle / "vision.fp32.onnx", torch.from_numpy(frames[:2]))
+    if side:  # the CLIP-space head rides along: frames are encoded once
+        clip.export_vision(ckpt.model, vision, side, bundle / "vision.fp32.onnx", torch.from_numpy(frames[:2]))
+    else:
+        graphs.export_vision(ckpt.model, vision, bundle / "vision.fp32.onnx", torch.from_numpy(frames[:2]))
     if "fp16" in opts.vision_variants:
         log("converting the vision graph to fp16")
         graphs.convert_fp16(bundle / "vision.fp32.onnx", bundle / "vision.fp16.onnx")
@@ -159,6 +175,8 @@ def _build(ckpt, bundle: Path, work: Path, opts: Options, log) -> dict:
     for precision, rel in vision["graphs"].items():
         out = graphs.run_graph(bundle / rel, {"frames": frames})
         report[f"vision.{precision}"] = fidelity.verdict(fidelity.compare(ref, out), precision)
+        if side:
+            report.update(clip.vision_fidelity(bundle / rel, frames, clip_ref, precision))
 
     log("tracing the SlowFast aggregator to ONNX")
     graphs.export_aggregator(vision, agg, bundle / agg["graph"])
@@ -168,14 +186,21 @@ def _build(ckpt, bundle: Path, work: Path, opts: Options, log) -> dict:
     for t in sorted({opts.num_frames, max(1, opts.num_frames // 3), 1}):
         ref_tokens = reference_tokens(torch.from_numpy(feats[:t]), opts.slow_frames, vision["patch_grid"], skip,
                                       opts.slow_pool, opts.fast_grid).numpy()
-        got = graphs.run_graph(bundle / agg["graph"], {"features": feats[:t],
+        got = graphs.run_graph(bundle / agg["graph"], {"features": feats[:t], "fast_index": np.arange(t),
                                                         "slow_index": slow_indices(t, opts.slow_frames)})
         report[f"aggregator.T{t}"] = fidelity.verdict(fidelity.compare(ref_tokens, got), "fp32")
+    if side:  # frames chosen among candidates: any slow frames, a subset as the fast pathway
+        slow, fast = selected_pathways(opts.num_frames, opts.slow_frames)
+        want = selected_reference(torch.from_numpy(feats), slow, fast, vision, agg)
+        got = graphs.run_graph(bundle / agg["graph"], {"features": feats, "slow_index": slow, "fast_index": fast})
+        report["aggregator.selected"] = fidelity.verdict(fidelity.compare(want, got), "fp32")
 
     # Real visual tokens in front of a question: int4 (and int8 KV) error on them is what text-only checks miss.
     with torch.no_grad():
         visual = reference_tokens(torch.from_numpy(ref), opts.slow_frames, vision["patch_grid"], skip,
                                   opts.slow_pool, opts.fast_grid).numpy()
+    question_side = side and clip.export_question_side(side, vision, bundle, work, opts.pooling_kernel,
+                                                       opts.pooling_temperature, report, log)
     log(f"language model: {ckpt.language_model_type}, {opts.llm_precision}")
     lm = llm.language_model(ckpt.model)
     llm_spec = llm.write_llm(lm, ckpt.tokenizer, bundle, work, precision=opts.llm_precision,
@@ -226,5 +251,24 @@ def _build(ckpt, bundle: Path, work: Path, opts: Options, log) -> dict:
     }
     if nf4_section:
         manifest["llm_nf4"] = nf4_section
+    if question_side:
+        manifest.update(question_side)
     manifest_schema.write(bundle, manifest)
     return manifest_schema.load(bundle)
+
+
+def selected_pathways(t: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """A selection-shaped check case: S slow frames in temporal order and every other frame as the fast pathway."""
+    rng = np.random.default_rng(1)
+    return np.sort(rng.choice(t, min(s, t), replace=False)), np.arange(0, t, 2)
+
+
+def selected_reference(feats, slow, fast, vision: dict, agg: dict) -> np.ndarray:
+    """The aggregator's rules applied to gathered frames: the slow part of the chosen slow frames, then the fast
+    part of the fast-pathway frames, each by the plain statement."""
+    skip, grid, pool, fast_grid = int(vision["has_cls_token"]), vision["patch_grid"], agg["slow_pool"], agg["fast_grid"]
+    per_slow = visual_token_count(1, {**agg, "slow_frames": 1, "fast_grid": (0, 0)}, grid)
+    with torch.no_grad():
+        s = reference_tokens(feats[slow], len(slow), grid, skip, pool, fast_grid)
+        f = reference_tokens(feats[fast], 1, grid, skip, pool, fast_grid)
+    return torch.cat([s[:len(slow) * per_slow], f[per_slow:]]).numpy()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sfedge.runtime.clitools import human, run_cli
 from sfedge.runtime.errors import BadInput
+from sfedge.runtime.tokens import prompt_pooled_count
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,6 +51,18 @@ def parser() -> argparse.ArgumentParser:
                         "generated token at video context; prefill is slower with it (default float32)")
     g.add_argument("--nf4", action="store_true",
                    help="also save a bitsandbytes nf4 copy of the language model (for hosts that run PyTorch)")
+    g = p.add_argument_group("question-aware tokens (frame selection, prompt-guided pooling)")
+    g.add_argument("--clip", metavar="CLIP_DIR",
+                   help="local CLIP or SigLIP checkpoint whose vision tower is the LLaVA one: adds its text tower, "
+                        "tokenizer and image head to the bundle, for sf-run --frame-selection clip and "
+                        "--pooling prompt-guided")
+    g.add_argument("--allow-mismatched-clip", action="store_true",
+                   help="accept a CLIP_DIR whose vision tower differs from the checkpoint's (its head is then "
+                        "applied to the LLaVA tower's features; the manifest records the difference)")
+    g.add_argument("--pooling-kernel", default="2x3x3",
+                   help="prompt-guided pooling window TxHxW, stride = kernel (default 2x3x3)")
+    g.add_argument("--pooling-temperature", type=float, default=0.01,
+                   help="prompt-guided pooling: default softmax temperature inside a window (default 0.01)")
     g = p.add_argument_group("checks")
     g.add_argument("--allow-low-fidelity", action="store_true",
                    help="write the bundle even if a graph misses its fidelity threshold (the manifest says so)")
@@ -61,6 +74,7 @@ def parser() -> argparse.ArgumentParser:
 
 def options(a):
     from .bundle import Options
+    from .clip import parse_kernel
 
     try:
         fh, fw = (int(x) for x in a.fast_grid.lower().split("x"))
@@ -71,7 +85,8 @@ def options(a):
                    calibration_videos=a.calibration_videos, llm_precision=a.llm_precision, llm_quant=a.llm_quant,
                    block_size=a.block_size, embeddings=a.embeddings, allow_low_fidelity=a.allow_low_fidelity,
                    force=a.force, fidelity_text_tokens=a.fidelity_tokens, nf4=a.nf4,
-                   kv_cache=a.kv_cache)
+                   kv_cache=a.kv_cache, clip=a.clip, allow_mismatched_clip=a.allow_mismatched_clip,
+                   pooling_kernel=parse_kernel(a.pooling_kernel), pooling_temperature=a.pooling_temperature)
 
 
 def summary(out: Path, m: dict) -> str:
@@ -97,6 +112,13 @@ def summary(out: Path, m: dict) -> str:
     a = m["aggregator"]
     lines.append(f"visual tokens per video: {m['visual_tokens_per_video']} ({a['num_frames']} frames, "
                  f"{a['slow_frames']} slow, {a['slow_pool']}, fast {a['fast_grid'][0]}x{a['fast_grid'][1]})")
+    if "clip" in m:
+        c, pp = m["clip"], m["prompt_pooling"]
+        match = "matches" if c["tower_match"] else f"MISMATCHED ({c['tower_difference']})"
+        lines.append(f"clip side: {c['model_type']} text tower, embedding {c['embed_dim']}, vision tower {match}; "
+                     f"prompt-guided pooling {'x'.join(map(str, pp['kernel']))} gives "
+                     f"{prompt_pooled_count(a['num_frames'], m['vision']['patch_grid'], pp['kernel'])} tokens for "
+                     f"{a['num_frames']} frames")
     if m["source"].get("note"):
         lines.append(f"note: {m['source']['note']}")
     return "\n".join(lines)

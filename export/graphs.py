@@ -41,10 +41,11 @@ def export_aggregator(vision: dict, agg: dict, path: Path) -> Path:
                                 agg["fast_grid"])
     t = 4
     feats = torch.randn(t, vision["tokens_per_frame"], vision["hidden_size"])
-    idx = torch.arange(2, dtype=torch.int64)
+    slow, fast = torch.arange(2, dtype=torch.int64), torch.arange(3, dtype=torch.int64)
     tdim, sdim = torch.export.Dim("frames", min=1, max=4096), torch.export.Dim("slow", min=1, max=4096)
-    return export_onnx(module, (feats, idx), path, ["features", "slow_index"], ["tokens"],
-                       {"features": {0: tdim}, "slow_index": {0: sdim}})
+    fdim = torch.export.Dim("fast", min=1, max=4096)
+    return export_onnx(module, (feats, slow, fast), path, ["features", "slow_index", "fast_index"], ["tokens"],
+                       {"features": {0: tdim}, "slow_index": {0: sdim}, "fast_index": {0: fdim}})
 
 
 def quantize_int8_dynamic(src: Path, dst: Path) -> Path:
@@ -75,5 +76,10 @@ def convert_fp16(src: Path, dst: Path) -> Path:
 
 
 def run_graph(path: Path, feeds: dict) -> np.ndarray:
+    return next(iter(run_graph_outputs(path, feeds).values()))
+
+
+def run_graph_outputs(path: Path, feeds: dict) -> dict:
+    """Every output by name."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)[0]
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))

@@ -32,6 +32,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--vision", choices=["fp32", "fp16", "int8"], help="vision graph variant (default int8)")
     a.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     a.add_argument("--json", action="store_true", help="print one JSON object per question instead of text")
+    question_aware_options(a)
+    a.add_argument("--pooling-temperature", type=float,
+                   help="prompt-guided pooling: softmax temperature inside each window (default: the bundle's, 0.01)")
     pl = sub.add_parser("plan", help="print the memory plan for a budget",
                         description="Print what a question costs in memory, and the settings that fit a budget.")
     pl.add_argument("bundle")
@@ -39,7 +42,17 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--frames", type=int)
     pl.add_argument("--max-new-tokens", type=int, default=128)
     pl.add_argument("--vision", choices=["fp32", "fp16", "int8"])
+    question_aware_options(pl)
     return p
+
+
+def question_aware_options(p) -> None:
+    p.add_argument("--frame-selection", default="uniform", choices=["uniform", "clip"],
+                   help="clip: score --candidates frames against each question and keep the slow pathway's frames "
+                        "by greedy NMS (needs a bundle exported with --clip; default uniform)")
+    p.add_argument("--pooling", default="slowfast", choices=["slowfast", "prompt-guided"],
+                   help="prompt-guided: PPLLaVA's question-weighted 3-D pooling (needs --clip at export)")
+    p.add_argument("--candidates", type=int, default=128, help="frames scored by --frame-selection clip (default 128)")
 
 
 def _err(msg):
@@ -51,8 +64,11 @@ def _ask(a) -> int:
 
     _err(f"[sf-run] loading {a.bundle}")
     rt = Runtime.load(a.bundle, device=a.device, memory_budget=a.memory_budget, frames=a.frames,
-                      max_new_tokens=a.max_new_tokens, vision_variant=a.vision, threads=a.threads)
-    _err(f"[sf-run] device {a.device}: {rt.provider}; plan: {rt.plan.frames} frames, context {rt.plan.context} "
+                      max_new_tokens=a.max_new_tokens, vision_variant=a.vision, threads=a.threads,
+                      frame_selection=a.frame_selection, pooling=a.pooling, candidates=a.candidates,
+                      pooling_temperature=a.pooling_temperature)
+    _err(f"[sf-run] device {a.device}: {rt.provider}; plan: {rt.plan.frames} frames, {rt.plan.visual_tokens} visual "
+         f"tokens ({a.frame_selection} frames, {a.pooling} pooling), context {rt.plan.context} "
          f"tokens, encode chunk {rt.plan.encode_chunk}")
     if rt.untrained_note:
         _err(f"[sf-run] note: {rt.untrained_note}")
@@ -82,6 +98,8 @@ def _ask(a) -> int:
             print(flush=True)
             ans = s.answer
             t = dict(ans.timings, **(video.timings if i == 0 else {}))
+            if rt.qa:
+                _err(f"[sf-run] frames selected for this question: {ans.selected_frames}")
             _err("[sf-run] " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()) +
                  f"; {ans.prompt_tokens} prompt tokens{' (video prefix reused)' if ans.reused_prefix else ''}, "
                  f"{ans.generated_tokens} generated; peak memory {ans.peak_memory_bytes / 1e6:.0f} MB")
@@ -91,10 +109,13 @@ def _ask(a) -> int:
 def _plan(a) -> int:
     from . import manifest as manifest_io
     from .planner import make_plan
+    from .question_aware import check_modes
 
     m = manifest_io.load(a.bundle, hash_cache=manifest_io.HashCache())
     budget = parse_size(a.memory_budget) if a.memory_budget else None
-    print(make_plan(m, budget, a.frames, a.max_new_tokens, a.vision).table())
+    check_modes(a.bundle, m, a.frame_selection, a.pooling, a.candidates)
+    print(make_plan(m, budget, a.frames, a.max_new_tokens, a.vision, a.pooling,
+                    a.candidates if a.frame_selection == "clip" else 0).table())
     return 0
 
 

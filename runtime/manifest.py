@@ -37,6 +37,16 @@ SCHEMA = {
     "artifacts": dict,
     "fidelity": dict,
 }
+# Sections a bundle may have; checked like SCHEMA when present. `clip` and `prompt_pooling` come from
+# sf-export --clip: question-aware frame selection and PPLLaVA's prompt-guided pooling.
+OPTIONAL = {
+    "clip": {
+        "source": str, "model_type": str, "text_graph": str, "tokenizer": str, "context_length": int,
+        "pad_token_id": int, "eos_token_id": int, "pad_to_context": bool, "embed_dim": int,
+        "logit_scale": (int, float), "logit_bias": (int, float), "tower_match": bool, "tower_checksum": str,
+    },
+    "prompt_pooling": {"graph": str, "kernel": list, "temperature": (int, float)},
+}
 
 
 def sha256_file(path: Path) -> str:
@@ -60,6 +70,7 @@ def write(root: Path, manifest: dict) -> None:
     manifest = {**manifest, "schema_version": SCHEMA_VERSION, "toolkit_version": TOOLKIT_VERSION,
                 "artifacts": artifact_entries(root)}
     _check_fields(manifest, SCHEMA, root / MANIFEST, "")
+    _check_optional(manifest, root / MANIFEST)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
@@ -73,6 +84,13 @@ def _check_fields(obj: dict, schema: dict, where: Path, prefix: str) -> None:
             _check_fields(obj[key], kind, where, f"{prefix}{key}.")
         elif not isinstance(obj[key], kind) or (kind is int and isinstance(obj[key], bool)):
             raise BadBundle(f"{where}: field '{prefix}{key}' has the wrong type ({type(obj[key]).__name__})")
+
+
+def _check_optional(obj: dict, where: Path) -> None:
+    present = {k: v for k, v in OPTIONAL.items() if k in obj}
+    _check_fields(obj, present, where, "")
+    if "prompt_pooling" in obj and "clip" not in obj:
+        raise BadBundle(f"{where}: 'prompt_pooling' needs the 'clip' section (its text tower)")
 
 
 def resolve_inside(root: Path, rel: str, where: Path) -> Path:
@@ -104,6 +122,7 @@ def load(root: Path, verify_hashes: bool = True, hash_cache: "HashCache | None" 
                         f"{manifest.get('toolkit_version', '?')}); this toolkit ({TOOLKIT_VERSION}) reads schema "
                         f"version {SCHEMA_VERSION} only: re-export the bundle, or use the toolkit that wrote it")
     _check_fields(manifest, SCHEMA, where, "")
+    _check_optional(manifest, where)
     artifacts = manifest["artifacts"]
     for rel, entry in artifacts.items():
         path = resolve_inside(root, rel, where)
@@ -138,6 +157,10 @@ def referenced_paths(manifest: dict) -> list[str]:
              "llm.external_data": llm.get("external_data", []),
              "llm_nf4.files": nf4.get("files", []) if isinstance(nf4, dict) else None}
     paths = [manifest["aggregator"]["graph"], llm["graph"], manifest["tokenizer"]]
+    if "clip" in manifest:
+        paths += [manifest["clip"]["text_graph"], manifest["clip"]["tokenizer"]]
+    if "prompt_pooling" in manifest:
+        paths.append(manifest["prompt_pooling"]["graph"])
     for name, value in parts.items():
         if isinstance(value, dict):
             value = list(value.values())

@@ -26,6 +26,7 @@ from .generate import Sampling
 from .llm import LanguageModel
 from .memory import peak_rss
 from .planner import Plan, make_plan
+from .question_aware import QuestionAware, check_modes
 from .sessions import Graph, providers
 from .tokens import slow_indices
 from .video import read_frames, resolve_source
@@ -33,8 +34,9 @@ from .video import read_frames, resolve_source
 
 @dataclass
 class VisualTokens:
-    """A video's visual tokens: cache and reuse them across questions."""
-    tokens: np.ndarray  # [N, D] float32
+    """A video's visual tokens: cache and reuse them across questions. In question-aware modes `tokens` is None
+    and `encoded` holds the encoded frames each question picks its tokens from."""
+    tokens: np.ndarray | None  # [N, D] float32
     frame_indices: list
     total_frames: int
     source: str
@@ -42,10 +44,12 @@ class VisualTokens:
     timings: dict
     notes: list = field(default_factory=list)
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    selected_frames: list = field(default_factory=list)  # the slow pathway's frames, or the frames pooled
+    encoded: object = None  # question_aware.EncodedFrames
 
     @property
     def count(self) -> int:
-        return len(self.tokens)
+        return len(self.tokens) if self.tokens is not None else self.encoded.token_count
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Answer:
     question: str
     visual_tokens: int
     frames_used: list
+    selected_frames: list  # slow-pathway frames (SlowFast) or pooled frames (prompt-guided), source numbering
     prompt_tokens: int
     generated_tokens: int
     reused_prefix: bool
@@ -81,7 +86,8 @@ class AnswerStream:
 
 class Runtime:
     def __init__(self, root: Path, manifest: dict, plan: Plan, device: str, threads: int | None,
-                 decoder_factory=None):
+                 decoder_factory=None, frame_selection: str = "uniform", pooling: str = "slowfast",
+                 pooling_temperature: float | None = None, scorer=None):
         self.root, self.manifest, self.plan, self.device = root, manifest, plan, device
         prov = providers(device, cache_dir=root / ".engine-cache")
         self.provider = prov[0] if isinstance(prov[0], str) else prov[0][0]  # what "auto" picked
@@ -89,6 +95,8 @@ class Runtime:
         self.vision = Graph(root / v["graphs"][plan.vision_variant], prov, threads)
         self.aggregator = Graph(root / manifest["aggregator"]["graph"], prov, threads)
         self.llm = LanguageModel(root, manifest, plan.context, prov, threads, decoder_factory)
+        self.qa = (QuestionAware(root, manifest, plan, prov, threads, frame_selection, pooling, pooling_temperature,
+                                 scorer) if (frame_selection, pooling) != ("uniform", "slowfast") else None)
         self.size = tuple(v["image_size"])
         self._prefix = None  # (video key, KV length after the visual prefix)
         self._last_video = None  # (source identity, VisualTokens) for follow-ups given by path
@@ -96,12 +104,19 @@ class Runtime:
     @classmethod
     def load(cls, bundle, device: str = "cpu", memory_budget=None, frames: int | None = None,
              max_new_tokens: int = 256, vision_variant: str | None = None, threads: int | None = None,
-             verify: bool = True, decoder_factory=None) -> "Runtime":
+             verify: bool = True, decoder_factory=None, frame_selection: str = "uniform",
+             pooling: str = "slowfast", candidates: int = 128, pooling_temperature: float | None = None,
+             scorer=None) -> "Runtime":
+        """frame_selection "clip" scores `candidates` frames per question (or with `scorer`, a
+        selection.FrameScorer); pooling "prompt-guided" is PPLLaVA's. Both need a bundle exported with --clip."""
         root = Path(bundle)
         m = manifest_io.load(root, verify_hashes=verify, hash_cache=manifest_io.HashCache())
+        check_modes(root, m, frame_selection, pooling, candidates)
         budget = parse_size(memory_budget) if memory_budget is not None else None
-        plan = make_plan(m, budget, frames, max_new_tokens, vision_variant)
-        return cls(root, m, plan, device, threads, decoder_factory)
+        plan = make_plan(m, budget, frames, max_new_tokens, vision_variant, pooling,
+                         candidates if frame_selection == "clip" else 0)
+        return cls(root, m, plan, device, threads, decoder_factory, frame_selection, pooling, pooling_temperature,
+                   scorer)
 
     @property
     def untrained_note(self) -> str | None:
@@ -113,24 +128,33 @@ class Runtime:
             raise BadInput(f"{frames} frames exceed the {self.plan.frames} this runtime was planned for; "
                            f"load it with frames={frames}")
         t0 = time.perf_counter()
-        got = read_frames(video, frames, self.size)
+        got = read_frames(video, self.qa.decode_count(frames) if self.qa else frames, self.size)
         t1 = time.perf_counter()
         chunk = self.plan.encode_chunk
-        feats = []
+        outs = []  # per chunk: features, then the CLIP outputs if the bundle has them
         for start in range(0, len(got.pixels), chunk):
-            feats.append(self.vision.run({"frames": got.pixels[start:start + chunk]}))
+            outs.append(self.vision.run_all({"frames": got.pixels[start:start + chunk]}))
             if progress:
                 progress(f"encoded {min(start + chunk, len(got.pixels))}/{len(got.pixels)} frames")
-        feats = np.concatenate(feats)
+        outs = [np.concatenate(o) for o in zip(*outs)] if self.qa else [np.concatenate([o[0] for o in outs])]
         t2 = time.perf_counter()
-        s = self.manifest["aggregator"]["slow_frames"]
-        tokens = self.aggregator.run({"features": feats, "slow_index": slow_indices(len(feats), s)})
-        t3 = time.perf_counter()
         notes = list(got.notes)
         if len(got.pixels) < frames:
             notes.append(f"the video has {got.total_frames} frames: used all of them instead of {frames}")
-        return VisualTokens(tokens, [int(i) for i in got.indices], got.total_frames, str(resolve_source(video)),
-                            got.method, {"decode": t1 - t0, "encode": t2 - t1, "aggregate": t3 - t2}, notes)
+        indices = [int(i) for i in got.indices]
+        vt = VisualTokens(None, indices, got.total_frames, str(resolve_source(video)), got.method,
+                          {"decode": t1 - t0, "encode": t2 - t1}, notes)
+        if self.qa:  # the tokens wait for the question
+            vt.encoded = self.qa.encoded(outs, frames)
+            return vt
+        t = len(outs[0])
+        slow = slow_indices(t, self.manifest["aggregator"]["slow_frames"])
+        feeds = {"features": outs[0], "slow_index": slow, "fast_index": np.arange(t)}
+        # Bundles exported before fast_index existed pool every frame they get, which is what arange(T) says.
+        vt.tokens = self.aggregator.run({k: v for k, v in feeds.items() if k in self.aggregator.inputs})
+        vt.timings["aggregate"] = time.perf_counter() - t2
+        vt.selected_frames = [indices[i] for i in slow]
+        return vt
 
     def _tokens_for(self, video) -> tuple[VisualTokens, bool]:
         """The video's tokens, and whether they were encoded just now (a repeated path reuses the last ones)."""
@@ -162,6 +186,9 @@ class Runtime:
         p = prompts.build(self.manifest["prompt"], question, style, options)
         vt, fresh = self._tokens_for(video)
         timings = {k: (v if fresh else 0.0) for k, v in vt.timings.items()}
+        if self.qa:
+            vt, per_question = self.qa.tokens(vt, question, self.aggregator)
+            timings.update(per_question)
         q_ids = self.llm.encode(p.question)
         reused = self._prefix is not None and self._prefix[0] == vt.key
         t0 = time.perf_counter()
@@ -187,7 +214,7 @@ class Runtime:
 
         def finish(text: str) -> Answer:
             timings["generate"] = stats.get("generate_s", 0.0)
-            return Answer(text, question, vt.count, vt.frame_indices, prompt_tokens,
+            return Answer(text, question, vt.count, vt.frame_indices, vt.selected_frames, prompt_tokens,
                           stats.get("generated_tokens", 0), reused, timings, peak_rss(), vt.decode_method,
                           vt.notes)
 

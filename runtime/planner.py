@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from .clitools import human
 from .decoder import kv_bytes_per_token
 from .errors import BadInput, DoesNotFit
-from .tokens import visual_token_count
+from .tokens import prompt_pooled_count, visual_token_count
 
 RUNTIME_BASE = 80_000_000  # interpreter, numpy, OpenCV, ONNX Runtime and tokenizers imported (75 MB measured)
 SESSION_FACTOR = 1.25  # ONNX Runtime holds each graph's weights plus prepacked copies and arena slack
@@ -27,6 +27,8 @@ class Plan:
     prefill_chunk: int
     vision_variant: str
     kv_precision: str = "float32"  # the bundle's KV dtype: float32, or int8 if exported with --kv-cache int8
+    pooling: str = "slowfast"  # or "prompt-guided" (PPLLaVA)
+    candidates: int = 0  # frames scored per question by CLIP frame selection; 0 = uniform sampling
     parts: dict = field(default_factory=dict)  # name -> bytes
     budget: int | None = None
 
@@ -40,7 +42,9 @@ class Plan:
             rows.append(("budget", f"{human(self.budget)} ({human(self.budget - self.total)} free)"))
         w = max(len(r[0]) for r in rows)
         body = "\n".join(f"  {a:<{w}}  {b:>12}" for a, b in rows)
-        return (f"frames {self.frames}, visual tokens {self.visual_tokens}, context {self.context} tokens "
+        selection = f"CLIP selection among {self.candidates} candidates" if self.candidates else "uniform"
+        return (f"frames {self.frames} ({selection}), {self.pooling} pooling, visual tokens {self.visual_tokens}, "
+                f"context {self.context} tokens "
                 f"(KV {self.kv_precision}), max new tokens {self.max_new_tokens}\n"
                 f"vision graph {self.vision_variant}, encode chunk {self.encode_chunk} frames, "
                 f"prefill chunk {self.prefill_chunk} tokens\n{body}")
@@ -67,21 +71,30 @@ def prefill_bytes(llm: dict, chunk: int, context: int) -> int:
                         + heads * context + llm["vocab_size"] // max(chunk, 1))
 
 
+def visual_tokens(manifest: dict, frames: int, pooling: str) -> int:
+    """Visual tokens for T frames under either pooling: known before any question is asked."""
+    if pooling == "prompt-guided":
+        return prompt_pooled_count(frames, manifest["vision"]["patch_grid"], manifest["prompt_pooling"]["kernel"])
+    return visual_token_count(frames, manifest["aggregator"], manifest["vision"]["patch_grid"])
+
+
 def make_plan(manifest: dict, budget: int | None = None, frames: int | None = None, max_new_tokens: int = 256,
-              vision_variant: str | None = None) -> Plan:
+              vision_variant: str | None = None, pooling: str = "slowfast", candidates: int = 0) -> Plan:
     v, agg, llm = manifest["vision"], manifest["aggregator"], manifest["llm"]
     frames = frames or agg["num_frames"]
     if frames < 1:
         raise BadInput("the frame count must be at least 1")
+    if candidates and candidates < frames:
+        raise BadInput(f"{candidates} candidates are fewer than the {frames} frames: frame selection picks among at "
+                       f"least as many candidates as it keeps")
     variant = vision_variant or ("int8" if "int8" in v["graphs"] else "fp32")
     if variant not in v["graphs"]:
         raise BadInput(f"vision variant {variant!r} is not in this bundle (it has {', '.join(v['graphs'])})")
-    visual = visual_token_count(frames, agg, v["patch_grid"])
+    visual = visual_tokens(manifest, frames, pooling)
     context = visual + PROMPT_TOKENS + max_new_tokens
     if context > llm["max_context"]:
-        per_frame = agg["fast_grid"][0] * agg["fast_grid"][1]
-        fit = max(0, (llm["max_context"] - PROMPT_TOKENS - max_new_tokens - (visual - frames * per_frame))
-                  // per_frame)
+        room = llm["max_context"] - PROMPT_TOKENS - max_new_tokens
+        fit = next((f for f in range(frames, 0, -1) if visual_tokens(manifest, f, pooling) <= room), 0)
         raise DoesNotFit(f"{frames} frames give {visual} visual tokens; with the prompt and {max_new_tokens} new "
                          f"tokens that is {context} tokens, over the model's maximum of {llm['max_context']}: "
                          f"use at most {fit} frames or fewer new tokens")
@@ -98,12 +111,14 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
         "video frames + tokens": frames * (v["image_size"][0] * v["image_size"][1] * 3 + v["tokens_per_frame"] * d * 4)
                                  + visual * d * 4 * 2,
     }
+    if "clip" in manifest:
+        fixed.update(question_aware_parts(manifest, frames, pooling, candidates))
     for enc in [c for c in ENCODE_CHUNKS if c <= max(frames, 1)] or [1]:
         for pre in PREFILL_CHUNKS:
             parts = {**fixed, f"encoder activations ({enc} frames)": enc * encoder_bytes_per_frame(v),
                      f"prefill activations ({pre} tokens)": prefill_bytes(llm, pre, context)}
             plan = Plan(frames, visual, context, max_new_tokens, enc, pre, variant, llm.get("kv_dtype", "float32"),
-                        parts=parts, budget=budget)
+                        pooling, candidates, parts=parts, budget=budget)
             if budget is None or plan.total <= budget:
                 return plan
     over = plan.total - budget
@@ -121,3 +136,22 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
                      f"{human(over)} over the {human(budget)} budget; the largest part is {biggest} "
                      f"({human(fixed[biggest])}); try {', or '.join(advice)}, or a budget of at least "
                      f"{human(plan.total)}")
+
+
+def question_aware_parts(manifest: dict, frames: int, pooling: str, candidates: int) -> dict:
+    """A CLIP bundle's extra memory: the text tower (loaded only when a question-aware mode is on), the vision
+    graph's CLIP outputs, and, in question-aware modes, every encoded frame kept until the question picks its
+    tokens."""
+    v, c = manifest["vision"], manifest["clip"]
+    grid = v["patch_grid"][0] * v["patch_grid"][1]
+    clip_per_frame = (grid + 1) * c["embed_dim"] * 4
+    kept = candidates or frames
+    parts = {"clip outputs per frame": frames * clip_per_frame}
+    if candidates or pooling != "slowfast":
+        per_frame = v["image_size"][0] * v["image_size"][1] * 3 + v["tokens_per_frame"] * v["hidden_size"] * 4
+        parts = {"clip text tower": int(_size(manifest, c["text_graph"]) * SESSION_FACTOR)
+                 + 4 * _size(manifest, c["tokenizer"]),
+                 "kept frames (question-aware)": kept * (per_frame + clip_per_frame) - frames * per_frame}
+        if pooling == "prompt-guided":
+            parts["prompt pooling graph"] = _size(manifest, manifest["prompt_pooling"]["graph"])
+    return parts

@@ -46,9 +46,14 @@ class Graph:
             self.session = ort.InferenceSession(str(path), opts, providers=provider_list)
         except Exception as e:
             raise GraphFailed(f"{path}: ONNX Runtime cannot load this graph: {e}") from None
+        self.inputs = {i.name for i in self.session.get_inputs()}
 
     def run(self, feeds: dict) -> np.ndarray:
+        return self.run_all(feeds)[0]
+
+    def run_all(self, feeds: dict) -> list[np.ndarray]:
+        """Every output, in the graph's order."""
         try:
-            return self.session.run(None, feeds)[0]
+            return self.session.run(None, feeds)
         except Exception as e:
             raise GraphFailed(f"{self.path}: ONNX Runtime failed: {e}") from None

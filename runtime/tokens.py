@@ -16,3 +16,10 @@ def visual_token_count(t: int, agg: dict, grid) -> int:
     per_slow = (gh * gw) // 2 if agg["slow_pool"].endswith("1d") else (gh // 2) * (gw // 2)
     fh, fw = agg["fast_grid"]
     return agg["slow_frames"] * per_slow + t * fh * fw
+
+
+def prompt_pooled_count(t: int, grid, kernel) -> int:
+    """Tokens of PPLLaVA's prompt-guided pooling (`sfedge.export.prompt_pooling`) for T frames: 3-D windows,
+    kernel = stride, partial windows at the edges. Depends only on T, the grid and the kernel, not the question."""
+    kt, kh, kw = kernel
+    return -(-t // kt) * -(-grid[0] // kh) * -(-grid[1] // kw)

@@ -52,7 +52,7 @@ def test_module_matches_plain_rules(t, s, grid, skip, pool, fast):
     feats = np.random.default_rng(t).standard_normal((t, grid[0] * grid[1] + skip, 8)).astype(np.float32)
     want = plain_slowfast(feats.astype(np.float64), s, grid, skip, pool, fast)
     module = SlowFastAggregator(grid, skip, pool, fast)
-    got = module(torch.from_numpy(feats), torch.from_numpy(slow_indices(t, s))).numpy()
+    got = module(torch.from_numpy(feats), torch.from_numpy(slow_indices(t, s)), torch.arange(t)).numpy()
     assert got.shape == want.shape == (visual_token_count(t, dict(slow_frames=s, slow_pool=pool,
                                                                   fast_grid=fast), grid), 8)
     np.testing.assert_allclose(got, want, atol=1e-5)
@@ -66,7 +66,7 @@ def test_onnx_graph_matches_plain_rules_for_any_frame_count(tmp_path):
     path = export_aggregator(vision, {"slow_pool": pool, "fast_grid": list(fast)}, tmp_path / "agg.onnx")
     for t in (1, 4, 10, 50):
         feats = np.random.default_rng(t).standard_normal((t, 729, 16)).astype(np.float32)
-        got = run_graph(path, {"features": feats, "slow_index": slow_indices(t, 10)})
+        got = run_graph(path, {"features": feats, "slow_index": slow_indices(t, 10), "fast_index": np.arange(t)})
         np.testing.assert_allclose(got, plain_slowfast(feats, 10, grid, skip, pool, fast), atol=1e-5)
 
 

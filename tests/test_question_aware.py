@@ -1,0 +1,193 @@
+"""Question-aware visual tokens: NMS frame selection (Hu et al.), PPLLaVA's prompt-guided pooling, the CLIP side of
+the export, and both end to end on tiny random LLaVA + CLIP checkpoints.
+
+No CLIP tokenizer files are reachable here, so the tiny CLIP text towers use the real SmolLM2 tokenizer (vocabulary
+sized to it), given CLIP's template: a start token before the text and an end token after it."""
+import copy
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import export_tiny
+from sfedge.export import clip as clip_io
+from sfedge.export.prompt_pooling import PromptGuidedPooling, reference_pooling
+from sfedge.runtime.errors import BadBundle, BadCheckpoint
+from sfedge.runtime.question_aware import fast_positions
+from sfedge.runtime.selection import nms_select
+from sfedge.runtime.tokens import prompt_pooled_count
+
+# ------------------------------------------------------------------ NMS ----------------------------------------
+
+
+def test_nms_hand_worked():
+    scores = np.array([0, 9, 8, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 6.0])
+    # n=16, k=2: radius 2. Take 1 (9), which suppresses 0..3 (so 2, the runner-up, goes); then 7 (7).
+    assert nms_select(scores, 2).tolist() == [1, 7]
+    # k=4: radius 1. 1 suppresses 0..2; 7 suppresses 6..8; 15 suppresses 14; then the best left is 3 (0, earliest).
+    assert nms_select(scores, 4).tolist() == [1, 3, 7, 15]
+    # A radius that suppresses everything after two picks: the rest is filled from the best remaining.
+    s = np.array([9, 1, 1, 1, 1, 8, 1, 1, 1, 2.0])
+    assert nms_select(s, 3, radius=5).tolist() == [0, 5, 9]
+    assert nms_select(s, 1).tolist() == [0]
+    assert nms_select(np.arange(5.0), 5).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError):
+        nms_select(np.zeros(3), 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 200).flatmap(lambda n: st.tuples(
+    st.lists(st.floats(-10, 10, allow_nan=False), min_size=n, max_size=n), st.integers(1, n))))
+def test_nms_invariants(case):
+    scores, k = np.array(case[0]), case[1]
+    n = len(scores)
+    got = nms_select(scores, k)
+    assert len(got) == k == len(set(got.tolist()))  # k distinct
+    assert np.all(np.diff(got) > 0) and got.min() >= 0 and got.max() < n  # sorted, in range
+    assert scores[got].max() == scores.max()  # the best frame is always taken
+    assert np.all(np.diff(got) > n / (4 * k))  # the paper's spacing always holds: no fill is ever needed
+
+
+def test_fast_pathway_takes_the_candidates_nearest_the_uniform_positions():
+    cands = np.floor((np.arange(128) + 0.5) * 1000 / 128).astype(int)  # 128 candidates of a 1000-frame video
+    pos = fast_positions(cands, 1000, 50)
+    uniform = np.floor((np.arange(50) + 0.5) * 1000 / 50)
+    assert len(set(pos.tolist())) == 50 and np.all(np.diff(pos) > 0)
+    np.testing.assert_array_equal(np.abs(cands[pos] - uniform), np.abs(cands[None] - uniform[:, None]).min(1))
+    assert fast_positions(np.arange(8), 8, 8).tolist() == list(range(8))  # candidates = uniform frames
+
+
+# ------------------------------------------------------------------ prompt-guided pooling -----------------------
+
+UNEVEN = [(5, (5, 7), (2, 3, 3), 1), (1, (4, 4), (2, 3, 3), 0), (4, (6, 6), (2, 3, 3), 0), (7, (3, 5), (3, 2, 4), 1)]
+
+
+@pytest.mark.parametrize("t,grid,kernel,skip", UNEVEN)
+def test_equal_relevance_is_plain_average_pooling(t, grid, kernel, skip):
+    feats = torch.randn(t, grid[0] * grid[1] + skip, 6)
+    patches = torch.ones(t, grid[0] * grid[1], 4)  # every token equally relevant
+    got = PromptGuidedPooling(grid, skip, 100.0, kernel)(feats, patches, torch.randn(4), torch.tensor(0.01))
+    assert got.shape == (prompt_pooled_count(t, grid, kernel), 6)
+    torch.testing.assert_close(got, torch.stack([w.mean(0) for w in windows(feats[:, skip:], t, grid, kernel)]))
+    x = feats[:, skip:].reshape(t, *grid, 6).permute(3, 0, 1, 2)[None]
+    if all(n >= k for n, k in zip((t, *grid), kernel)):  # PyTorch's own pool refuses inputs smaller than a window
+        torch.testing.assert_close(got, F.avg_pool3d(x, kernel, kernel, ceil_mode=True)[0].reshape(6, -1).T)
+
+
+def windows(x, t, grid, kernel):
+    """[T, H*W, D] -> each 3-D window's tokens [n, D], row-major over windows; edge windows partial."""
+    x = x.reshape(t, *grid, x.shape[-1])
+    kt, kh, kw = kernel
+    return [x[a:a + kt, b:b + kh, c:c + kw].reshape(-1, x.shape[-1]) for a in range(0, t, kt)
+            for b in range(0, grid[0], kh) for c in range(0, grid[1], kw)]
+
+
+@pytest.mark.parametrize("t,grid,kernel,skip", UNEVEN)
+def test_zero_temperature_picks_the_most_relevant_token_per_window(t, grid, kernel, skip):
+    g = torch.Generator().manual_seed(t)
+    feats, patches, text = torch.randn(t, grid[0] * grid[1] + skip, 6, generator=g), \
+        torch.randn(t, grid[0] * grid[1], 4, generator=g), torch.randn(4, generator=g)
+    # logit scale 10: at CLIP's 100, random cosines (range 2, unlike real ones) underflow float32 relevances to 0
+    got = PromptGuidedPooling(grid, skip, 10.0, kernel)(feats, patches, text, torch.tensor(1e-9))
+    cos = F.cosine_similarity(patches, text, dim=-1)[..., None]
+    best = [w[c[:, 0].argmax()] for w, c in zip(windows(feats[:, skip:], t, grid, kernel),
+                                                windows(cos, t, grid, kernel))]
+    torch.testing.assert_close(got, torch.stack(best))
+
+
+def test_pooling_graph_matches_the_plain_statement_for_uneven_sizes(tmp_path):
+    from sfedge.export.graphs import run_graph
+
+    vision = {"patch_grid": [5, 7], "has_cls_token": True, "tokens_per_frame": 36, "hidden_size": 16}
+    path = clip_io.export_pooling(vision, 8, 30.0, (2, 3, 3), tmp_path / "pp.onnx")
+    rng = np.random.default_rng(0)
+    for t in (1, 2, 5, 9):
+        feats, patches = rng.standard_normal((t, 36, 16), np.float32), rng.standard_normal((t, 35, 8), np.float32)
+        text = rng.standard_normal(8).astype(np.float32)
+        for temp in (0.01, 1.0):
+            got = run_graph(path, {"features": feats, "clip_patches": patches, "text": text,
+                                   "temperature": np.array(temp, np.float32)})
+            want = reference_pooling(*map(torch.from_numpy, (feats, patches, text)), 30.0, (5, 7), 1, (2, 3, 3),
+                                     temp).numpy()
+            assert got.shape == (prompt_pooled_count(t, (5, 7), (2, 3, 3)), 16)
+            np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the CLIP side ------------------------------
+
+@pytest.fixture(scope="session")
+def make_clip(tmp_path_factory, smol_tokenizer):
+    """make_clip(llava_ckpt, kind, perturb) -> a tiny CLIPModel / SiglipModel folder whose vision tower is the
+    LLaVA checkpoint's (unless perturb)."""
+    import transformers
+    from tokenizers.processors import TemplateProcessing
+
+    def make(llava_ckpt, kind="clip", perturb=False):
+        out = tmp_path_factory.getbasetemp() / "clips" / f"{llava_ckpt.name}-{kind}-{perturb}"
+        if out.exists():
+            return out
+        tower = getattr(transformers, json.loads((llava_ckpt / "config.json").read_text())["architectures"][0]) \
+            .from_pretrained(llava_ckpt).model.vision_tower
+        tok = copy.deepcopy(smol_tokenizer)
+        tok._tokenizer.post_processor = TemplateProcessing(
+            single="<|im_start|> $A <|endoftext|>", special_tokens=[("<|im_start|>", 1), ("<|endoftext|>", 0)])
+        tok.eos_token, tok.pad_token = "<|endoftext|>", "<|endoftext|>"
+        text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=24, bos_token_id=1, eos_token_id=0, pad_token_id=0)
+        if kind == "clip":
+            model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, projection_dim=16,
+                                                                   vision_config=tower.config.to_dict()))
+        else:
+            model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text,
+                                                                       vision_config=tower.config.to_dict()))
+        missing = model.vision_model.load_state_dict(tower.state_dict(), strict=False)
+        assert not missing.unexpected_keys
+        if perturb:
+            with torch.no_grad():
+                model.vision_model.encoder.layers[1].mlp.fc1.weight[0, 0] += 0.5
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        return out
+
+    return make
+
+
+def test_mismatched_clip_is_refused_unless_allowed(make_checkpoint, make_clip, tmp_path):
+    from sfedge.export import checkpoint as ckpt_io
+
+    ckpt = make_checkpoint()
+    llava = ckpt_io.load(ckpt)
+    good = clip_io.load(make_clip(ckpt), llava, allow_mismatch=False)
+    assert good.matched and good.difference is None
+    bad = make_clip(ckpt, perturb=True)
+    with pytest.raises(BadCheckpoint, match=r"vision tower is not the one in .*encoder\.layers\.1\.mlp\.fc1\.weight: "
+                                            r"values differ.*--allow-mismatched-clip") as e:
+        clip_io.load(bad, llava, allow_mismatch=False)
+    assert str(bad) in str(e.value) and str(ckpt) in str(e.value)
+    allowed = clip_io.load(bad, llava, allow_mismatch=True)
+    assert not allowed.matched and allowed.checksum != good.checksum
+    other = make_checkpoint(image_size=48, patch=8)  # a 6x6 grid: the configs differ first
+    with pytest.raises(BadCheckpoint, match="vision config image_size: 48 .* 32 in"):
+        clip_io.load(make_clip(ckpt), ckpt_io.load(other), allow_mismatch=False)
+    # Allowed, the CLIP head runs on the LLaVA tower's features, and the graph is checked against that statement.
+    frames = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    clip_io.export_vision(llava.model, llava.vision, allowed, tmp_path / "v.onnx", torch.from_numpy(frames[:2]))
+    ref = clip_io.reference_outputs(allowed, llava.model, llava.vision, torch.from_numpy(frames))
+    report = clip_io.vision_fidelity(tmp_path / "v.onnx", frames, ref, "fp32")
+    assert all(v["passed"] for v in report.values()) and len(report) == 2
+
+
+def test_not_a_clip_folder(make_checkpoint, tmp_path):
+    from sfedge.export import checkpoint as ckpt_io
+
+    llava = ckpt_io.load(make_checkpoint())
+    with pytest.raises(BadCheckpoint, match="config.json: missing; --clip needs"):
+        clip_io.load(tmp_path, llava, False)
+    with pytest.raises(BadCheckpoint, match="model_type 'llava' is not a CLIP or SigLIP"):
+        clip_io.load(make_checkpoint(), llava, False)
