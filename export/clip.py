@@ -122,9 +122,10 @@ class ImageHead(torch.nn.Module):
 
     def forward(self, last: torch.Tensor):
         x = self.norm(last)
+        if self.kind == "clip":  # CLS and patches through one projection: its CLS row is the frame embedding
+            y = self.proj(x)
+            return y[:, 0], y[:, 1:]
         patches = x[:, self.skip:]
-        if self.kind == "clip":
-            return self.proj(x[:, 0]), self.proj(patches)
         f, g, w = patches.shape
         # SigLIP's head pools a sequence by attention; applied to one patch alone, it is that patch's embedding.
         return self.proj(x), self.proj(patches.reshape(f * g, 1, w)).reshape(f, g, -1)
@@ -210,12 +211,12 @@ def export_question_side(side: ClipSide, vision: dict, bundle: Path, work: Path,
                        {"input_ids": {1: length}})
     side.tokenizer.save_pretrained(work / "clip-tokenizer")
     shutil.copy(work / "clip-tokenizer" / "tokenizer.json", bundle / TEXT_TOKENIZER)
-    scale = float(side.model.logit_scale.exp())
+    scale = float(side.model.logit_scale.detach().exp())
     section = {"source": str(side.path.resolve()), "model_type": side.kind, "text_graph": TEXT_GRAPH,
                "tokenizer": TEXT_TOKENIZER, **spec, "embed_dim": int(side.model.config.projection_dim
                                                                       if side.kind == "clip"
                                                                       else side.model.config.text_config.hidden_size),
-               "logit_scale": scale, "logit_bias": float(getattr(side.model, "logit_bias", torch.zeros(1)).sum()),
+               "logit_scale": scale, "logit_bias": float(getattr(side.model, "logit_bias", torch.zeros(1)).detach().sum()),
                "tower_match": side.matched, "tower_checksum": side.checksum}
     if side.difference:
         section["tower_difference"] = side.difference

@@ -191,3 +191,147 @@ def test_not_a_clip_folder(make_checkpoint, tmp_path):
         clip_io.load(tmp_path, llava, False)
     with pytest.raises(BadCheckpoint, match="model_type 'llava' is not a CLIP or SigLIP"):
         clip_io.load(make_checkpoint(), llava, False)
+
+
+# ------------------------------------------------------------------ end to end ---------------------------------
+
+@pytest.fixture(scope="module")
+def clip_bundle(make_checkpoint, make_clip, tmp_path_factory):
+    ckpt = make_checkpoint()
+    out = tmp_path_factory.mktemp("qa") / "bundle"
+    m = export_tiny(ckpt, out, clip=str(make_clip(ckpt)))
+    return out, ckpt, m
+
+
+def test_export_writes_a_checked_clip_side(clip_bundle):
+    from sfedge.runtime import manifest as manifest_io
+
+    out, ckpt, m = clip_bundle
+    c, fid = m["clip"], m["fidelity"]
+    assert c["tower_match"] and c["model_type"] == "clip" and c["embed_dim"] == 16 and c["context_length"] == 24
+    assert {c["text_graph"], c["tokenizer"], m["prompt_pooling"]["graph"]} <= set(m["artifacts"])
+    assert m["prompt_pooling"] == {"graph": "prompt_pooling.onnx", "kernel": [2, 3, 3], "temperature": 0.01}
+    for name in ("vision.fp32.clip_frame", "vision.fp32.clip_patches", "vision.int8.clip_frame", "clip_text",
+                 "aggregator.selected", "prompt_pooling.T5"):
+        assert fid[name]["passed"], name
+    assert fid["vision.fp32.clip_patches"]["rel_max_abs_error"] <= 1e-4 and fid["all_passed"]
+    (out / c["tokenizer"]).write_bytes((out / c["tokenizer"]).read_bytes() + b" ")  # tampered: refused
+    try:
+        with pytest.raises(BadBundle, match="clip_tokenizer.json: size"):
+            manifest_io.load(out)
+    finally:
+        (out / c["tokenizer"]).write_bytes((out / c["tokenizer"]).read_bytes()[:-1])
+
+
+@pytest.fixture(scope="module")
+def torch_side(clip_bundle, make_clip):
+    """The PyTorch originals: the LLaVA checkpoint and the CLIP model, through transformers."""
+    import transformers
+
+    from sfedge.export import checkpoint as ckpt_io
+
+    _, ckpt, _ = clip_bundle
+    return ckpt_io.load(ckpt), transformers.CLIPModel.from_pretrained(make_clip(ckpt)).eval(), \
+        transformers.AutoTokenizer.from_pretrained(make_clip(ckpt))
+
+
+def _torch_inputs(torch_side, rt, n, question):
+    """Candidate frames' features, CLIP frame and patch embeddings and the question's embedding, by PyTorch."""
+    from sfedge.export.vision import VisionGraph, reference_features
+    from sfedge.runtime.video import read_frames
+
+    llava, model, tok = torch_side
+    got = read_frames("demo", n, rt.size)
+    frames = torch.from_numpy(got.pixels)
+    with torch.no_grad():
+        feats = reference_features(llava.model, llava.vision, frames)
+        pixels = VisionGraph(llava.model, llava.vision).pixel_values(frames)
+        frame = model.get_image_features(pixel_values=pixels).pooler_output
+        last = model.vision_model(pixel_values=pixels).last_hidden_state
+        patches = model.visual_projection(model.vision_model.post_layernorm(last[:, 1:]))
+        text = model.get_text_features(**tok(question, return_tensors="pt")).pooler_output[0]
+    return got, feats, frame, patches, text
+
+
+def test_clip_selection_end_to_end(clip_bundle, torch_side):
+    from sfedge.export.bundle import selected_reference
+    from sfedge.runtime import Runtime
+
+    out, _, m = clip_bundle
+    rt = Runtime.load(out, vision_variant="fp32", max_new_tokens=4, frame_selection="clip", candidates=20)
+    assert rt.plan.candidates == 20 and "CLIP selection among 20 candidates" in rt.plan.table()
+    video = rt.encode("demo")
+    assert video.count == m["visual_tokens_per_video"] and video.tokens is None  # known before the question
+    q = "Where is the rabbit?"
+    ans = rt.ask(video, q)
+    got, feats, frame, _, text = _torch_inputs(torch_side, rt, 20, q)
+    scores = torch.nn.functional.cosine_similarity(frame, text[None], dim=-1).numpy()
+    picked = nms_select(scores, 4)  # the PyTorch scores pick the same frames
+    assert ans.selected_frames == got.indices[picked].tolist()
+    fast = fast_positions(got.indices, got.total_frames, 8)
+    assert set(ans.frames_used) == set(got.indices[picked]) | set(got.indices[fast])
+    assert ans.visual_tokens == m["visual_tokens_per_video"] and ans.timings["question"] > 0
+    tokens, _ = rt.qa.tokens(video, q, rt.aggregator)
+    want = selected_reference(feats, picked, fast, m["vision"], m["aggregator"])
+    np.testing.assert_allclose(tokens.tokens, want, atol=1e-4 * np.abs(want).max())
+    again = rt.ask(video, q)
+    assert again.reused_prefix and again.text == ans.text and again.selected_frames == ans.selected_frames
+
+
+def test_prompt_guided_pooling_end_to_end(clip_bundle, torch_side):
+    from sfedge.runtime import Runtime
+
+    out, _, m = clip_bundle
+    rt = Runtime.load(out, vision_variant="fp32", max_new_tokens=4, pooling="prompt-guided")
+    n_tokens = prompt_pooled_count(8, (4, 4), (2, 3, 3))
+    assert rt.plan.visual_tokens == n_tokens == 16
+    video = rt.encode("demo")
+    q1, q2 = "What color is the sky?", "Is anyone running?"
+    a1, a2 = rt.ask(video, q1), rt.ask(video, q2)
+    assert a1.visual_tokens == a2.visual_tokens == n_tokens and not a2.reused_prefix  # tokens follow the question
+    assert a1.selected_frames == a1.frames_used == video.frame_indices
+    for q in (q1, q2):
+        _, feats, _, patches, text = _torch_inputs(torch_side, rt, 8, q)
+        want = reference_pooling(feats, patches, text, m["clip"]["logit_scale"], (4, 4), 0, (2, 3, 3), 0.01).numpy()
+        got = rt.qa.tokens(video, q, rt.aggregator)[0].tokens
+        np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+    both = Runtime.load(out, vision_variant="fp32", max_new_tokens=2, pooling="prompt-guided",
+                        frame_selection="clip", candidates=16)
+    ans = both.ask("demo", q1)
+    assert len(ans.selected_frames) == 8 and ans.visual_tokens == n_tokens
+
+
+def test_uniform_tokens_are_unchanged_by_the_clip_side(clip_bundle, tiny_bundle):
+    from sfedge.runtime import Runtime
+
+    with_clip = Runtime.load(clip_bundle[0], vision_variant="fp32").encode("demo")
+    plain = Runtime.load(tiny_bundle[0], vision_variant="fp32").encode("demo")
+    np.testing.assert_allclose(with_clip.tokens, plain.tokens, atol=1e-6)
+    assert with_clip.selected_frames == [plain.frame_indices[i] for i in (0, 2, 4, 6)]
+
+
+def test_bundle_without_clip_side_is_refused(tiny_bundle):
+    from sfedge.runtime import Runtime
+    from sfedge.runtime.errors import BadInput
+
+    with pytest.raises(BadBundle, match="has no CLIP text side.*sf-export --clip"):
+        Runtime.load(tiny_bundle[0], frame_selection="clip")
+    with pytest.raises(BadInput, match="pooling 'max'"):
+        Runtime.load(tiny_bundle[0], pooling="max")
+
+
+def test_sf_run_question_aware(clip_bundle):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "sfedge.runtime.cli", *map(str, args)], capture_output=True,
+                              text=True)
+
+    b = clip_bundle[0]
+    run = cli("ask", b, "--video", "demo", "-q", "What is it?", "--json", "--max-new-tokens", 2, "--vision", "fp32",
+              "--frame-selection", "clip", "--candidates", 12)
+    assert run.returncode == 0, run.stderr
+    line = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(line["selected_frames"]) == 4 and "question" in line["timings"]
+    plan = cli("plan", b, "--pooling", "prompt-guided")
+    assert plan.returncode == 0 and "visual tokens 16" in plan.stdout and "prompt-guided" in plan.stdout
+    bad = cli("plan", b, "--frame-selection", "clip", "--candidates", 4)
+    assert bad.returncode == 2 and "4 candidates are fewer than the 8 frames" in bad.stderr
