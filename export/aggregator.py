@@ -6,8 +6,8 @@ Input: projected per-frame features [T, P, D], the slow-pathway frame indices an
 more candidates). Output: the visual tokens [N, D], slow pathway first, then fast, no separators.
   slow: the S chosen frames, each pooled over its row-major flattened tokens by a 1-D pool (kernel 2, stride 2),
         or over its grid by a 2-D pool (kernel 2, stride 2); max or average.
-  fast: every fast-pathway frame, adaptive average pooling of the grid to fast_grid, with PyTorch's bins (start = floor(i*n/o),
-        end = ceil((i+1)*n/o)), so a 27x27 grid pools as torch does.
+  fast: every fast-pathway frame, adaptive average pooling of the grid to fast_grid, with PyTorch's bins
+        (start = floor(i*n/o), end = ceil((i+1)*n/o)), so a 27x27 grid pools as torch does.
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ against the reference (Hugging Face transformers fp32, default sdpa attention).
   sf-bench e2e     a 50-frame question about a real video, then a follow-up, against the reference pipeline
   sf-bench vision  frames per second of the vision graph variants against PyTorch eager, with cosine
   sf-bench scale   the cost of each stage of our path as the frame count (and so the context) grows
+  sf-bench question-aware  per-question cost of CLIP frame selection (128 candidates) and prompt-guided pooling
+                   against plain SlowFast (a ViT-B/16-sized CLIP text tower added to the default workload)
 """
 from __future__ import annotations
 
@@ -45,6 +47,24 @@ def default_bundle(log) -> tuple[Path, Path]:
         log("exporting it (once; cached under ~/.cache/sfedge/bench)")
         export(ckpt, bundle, Options(note=UNTRAINED_NOTE, vision_variants=("fp32", "fp16", "int8"), force=True),
                Log())
+    return ckpt, bundle
+
+
+def question_aware_bundle(log) -> tuple[Path, Path]:
+    """The default workload plus a CLIP side: a seeded ViT-B/16-sized CLIP whose vision tower is the demo's."""
+    from .bundle import Log, Options, export
+    from .demo import UNTRAINED_NOTE, build_clip_checkpoint, build_demo_checkpoint
+
+    ckpt, clip, bundle = CACHE / "checkpoint", CACHE / "clip-b16", CACHE / "qa-bundle"
+    if not (ckpt / "config.json").exists():
+        log("building the default workload's checkpoint (ViT-B/16-sized tower + SmolLM2-135M-Instruct)")
+        build_demo_checkpoint(ckpt)
+    if not (clip / "config.json").exists():
+        log("building a ViT-B/16-sized random CLIP around the demo's vision tower")
+        build_clip_checkpoint(ckpt, clip, size="base")
+    if not (bundle / "manifest.json").exists():
+        log("exporting it with --clip (once; cached under ~/.cache/sfedge/bench)")
+        export(ckpt, bundle, Options(note=UNTRAINED_NOTE, clip=str(clip), force=True), Log())
     return ckpt, bundle
 
 
@@ -277,8 +297,34 @@ def worker_vision(backend: str, bundle: Path, ckpt: Path, video: str, frames: in
     return {"fps": frames / dt, "peak_rss": _peak()}
 
 
+QA_MODES = {"slowfast": ("uniform", "slowfast"), "clip-selection": ("clip", "slowfast"),
+            "prompt-guided": ("uniform", "prompt-guided"), "clip+prompt-guided": ("clip", "prompt-guided")}
+QA_QUESTIONS = ("What is the rabbit doing?", "Is there a butterfly?", "What color is the sky?",
+                "Does anything fall from a tree?")
+
+
+def worker_question_aware(bundle: Path, video: str, mode: str) -> dict:
+    """One video, then several different questions, one generated token each: what each question costs on top of
+    the encoded video. The first question is left out (it prefills the video under every mode)."""
+    from sfedge.runtime import Runtime
+
+    selection, pooling = QA_MODES[mode]
+    rt = Runtime.load(bundle, max_new_tokens=8, frame_selection=selection, pooling=pooling, candidates=128)
+    v = rt.manifest["vision"]
+    rt.vision.run_all({"frames": np.zeros((2, *v["image_size"], 3), np.uint8)})  # warm-up
+    if rt.qa:
+        rt.qa.text.embed("warm up")
+    video_tokens = rt.encode(video)
+    answers = [rt.ask(video_tokens, q, max_new_tokens=1) for q in QA_QUESTIONS]
+    per_q = [{k: a.timings.get(k, 0.0) for k in ("question", "aggregate", "prefill")} for a in answers[1:]]
+    return {"decode_s": video_tokens.timings["decode"], "encode_s": video_tokens.timings["encode"],
+            "frames_encoded": len(video_tokens.frame_indices), "visual_tokens": answers[-1].visual_tokens,
+            **{f"{k}_s": statistics.median(x[k] for x in per_q) for k in per_q[0]},
+            "per_question_s": statistics.median(sum(x.values()) for x in per_q), "peak_rss": _peak()}
+
+
 WORKERS = {"llm": worker_llm, "e2e": worker_e2e, "vision": worker_vision, "llamacpp": worker_llamacpp,
-           "scale": worker_scale}
+           "scale": worker_scale, "question-aware": worker_question_aware}
 
 
 def _spawn(kind: str, *args) -> dict:
@@ -443,6 +489,27 @@ def bench_scale(bundle, ckpt, repeats, log, video="bikes") -> dict:
     return {"results": out, "skipped": {f"{k} frames": v for k, v in skipped.items()}}
 
 
+def bench_question_aware(bundle, ckpt, repeats, log, video="demo") -> dict:
+    raw = {m: [] for m in QA_MODES}
+    for r in range(repeats):
+        for mode, runs in raw.items():
+            log(f"question-aware repeat {r + 1}/{repeats}: {mode}")
+            res = _spawn("question-aware", bundle, video, mode)
+            if "error" in res:
+                raise BackendUnavailable(f"question-aware {mode} failed: {res['error']}")
+            runs.append(res)
+    keys = ("decode_s", "encode_s", "question_s", "aggregate_s", "prefill_s", "per_question_s")
+    out = {}
+    for mode, runs in raw.items():
+        out[mode] = {**{k: summarize([x[k] for x in runs]) for k in keys},
+                     "frames_encoded": runs[0]["frames_encoded"], "visual_tokens": runs[0]["visual_tokens"],
+                     "peak_mb": summarize([x["peak_rss"] / 1e6 for x in runs])}
+    base = out["slowfast"]["per_question_s"]["median"]
+    for mode in out:
+        out[mode]["overhead_per_question_s"] = out[mode]["per_question_s"]["median"] - base
+    return {"results": out}
+
+
 # ---------------------------------------------------------------- report ---------------------------------------
 
 def _fmt(v):
@@ -494,7 +561,8 @@ def plot(report: dict, out: Path):
         ax.set_xlabel("seconds (median)")
         ax.legend()
     else:
-        key = {"llm": "decode_tok_s", "vision": "fps", "e2e": "first_total_s"}[report["suite"]]
+        key = {"llm": "decode_tok_s", "vision": "fps", "e2e": "first_total_s",
+               "question-aware": "per_question_s"}[report["suite"]]
         names = [k for k, v in res.items() if isinstance(v, dict) and isinstance(v.get(key), dict)
                  and v[key].get("median")]
         ax.barh(names, [res[n][key]["median"] for n in names])
@@ -520,7 +588,7 @@ def _main() -> int:
         return 0
     p = argparse.ArgumentParser(prog="sf-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=["llm", "e2e", "vision", "scale"])
+    p.add_argument("suite", choices=["llm", "e2e", "vision", "scale", "question-aware"])
     p.add_argument("--bundle", type=Path, help="bundle to measure (default: the cached default workload)")
     p.add_argument("--checkpoint", type=Path, help="the bundle's source checkpoint, for the reference")
     p.add_argument("--repeats", type=int, default=3)
@@ -533,9 +601,12 @@ def _main() -> int:
         bundle, ckpt = a.bundle.resolve(), a.checkpoint.resolve()
     elif a.bundle or a.checkpoint:
         raise BadInput("give both --bundle and --checkpoint (the reference needs the checkpoint), or neither")
+    elif a.suite == "question-aware":
+        ckpt, bundle = question_aware_bundle(log)
     else:
         ckpt, bundle = default_bundle(log)
-    fn = {"llm": bench_llm, "e2e": bench_e2e, "vision": bench_vision, "scale": bench_scale}[a.suite]
+    fn = {"llm": bench_llm, "e2e": bench_e2e, "vision": bench_vision, "scale": bench_scale,
+          "question-aware": bench_question_aware}[a.suite]
     kw = {"video": a.video} if a.suite != "llm" and a.video else {}
     data = fn(bundle, ckpt, a.repeats, log, **kw)
     report = {"suite": a.suite, "machine": machine(), "command": " ".join(["sf-bench", *sys.argv[1:]]),

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from sfedge.runtime.errors import BadCheckpoint, BadInput, ExportFailed
 
 from . import fidelity, graphs
@@ -212,11 +211,12 @@ def export_question_side(side: ClipSide, vision: dict, bundle: Path, work: Path,
     side.tokenizer.save_pretrained(work / "clip-tokenizer")
     shutil.copy(work / "clip-tokenizer" / "tokenizer.json", bundle / TEXT_TOKENIZER)
     scale = float(side.model.logit_scale.detach().exp())
+    cfg = side.model.config
+    bias = getattr(side.model, "logit_bias", None)  # SigLIP's; a constant shift, so selection and pooling ignore it
     section = {"source": str(side.path.resolve()), "model_type": side.kind, "text_graph": TEXT_GRAPH,
-               "tokenizer": TEXT_TOKENIZER, **spec, "embed_dim": int(side.model.config.projection_dim
-                                                                      if side.kind == "clip"
-                                                                      else side.model.config.text_config.hidden_size),
-               "logit_scale": scale, "logit_bias": float(getattr(side.model, "logit_bias", torch.zeros(1)).detach().sum()),
+               "tokenizer": TEXT_TOKENIZER, **spec,
+               "embed_dim": int(cfg.projection_dim if side.kind == "clip" else cfg.text_config.hidden_size),
+               "logit_scale": scale, "logit_bias": 0.0 if bias is None else float(bias.detach().sum()),
                "tower_match": side.matched, "tower_checksum": side.checksum}
     if side.difference:
         section["tower_difference"] = side.difference

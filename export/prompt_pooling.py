@@ -26,7 +26,8 @@ def relevance(clip_patches: torch.Tensor, text: torch.Tensor, logit_scale: float
 class PromptGuidedPooling(torch.nn.Module):
     def __init__(self, grid, skip_tokens: int, logit_scale: float, kernel=(2, 3, 3)):
         super().__init__()
-        self.grid, self.skip, self.logit_scale, self.kernel = tuple(grid), skip_tokens, float(logit_scale), tuple(kernel)
+        self.grid, self.skip, self.kernel = tuple(grid), skip_tokens, tuple(kernel)
+        self.logit_scale = float(logit_scale)
 
     def forward(self, features, clip_patches, text, temperature):
         gh, gw = self.grid

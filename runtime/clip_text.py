@@ -16,7 +16,7 @@ class ClipText:
         path = Path(root) / spec["tokenizer"]
         try:
             self.tokenizer = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
             raise BadBundle(f"{path}: cannot read the CLIP tokenizer ({e})") from None
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(spec["context_length"])

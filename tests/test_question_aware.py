@@ -1,9 +1,9 @@
 """Question-aware visual tokens: NMS frame selection (Hu et al.), PPLLaVA's prompt-guided pooling, the CLIP side of
 the export, and both end to end on tiny random LLaVA + CLIP checkpoints.
 
-No CLIP tokenizer files are reachable here, so the tiny CLIP text towers use the real SmolLM2 tokenizer (vocabulary
-sized to it), given CLIP's template: a start token before the text and an end token after it."""
-import copy
+No CLIP tokenizer files are reachable here, so the tiny CLIP text towers (`demo.build_clip_checkpoint`) use the real
+SmolLM2 tokenizer (vocabulary sized to it), given CLIP's template: a start token before the text and an end token
+after it."""
 import json
 import subprocess
 import sys
@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import export_tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import export_tiny
 from sfedge.export import clip as clip_io
 from sfedge.export.prompt_pooling import PromptGuidedPooling, reference_pooling
 from sfedge.runtime.errors import BadBundle, BadCheckpoint
@@ -122,37 +121,21 @@ def test_pooling_graph_matches_the_plain_statement_for_uneven_sizes(tmp_path):
 # ------------------------------------------------------------------ the CLIP side ------------------------------
 
 @pytest.fixture(scope="session")
-def make_clip(tmp_path_factory, smol_tokenizer):
+def make_clip(tmp_path_factory):
     """make_clip(llava_ckpt, kind, perturb) -> a tiny CLIPModel / SiglipModel folder whose vision tower is the
-    LLaVA checkpoint's (unless perturb)."""
+    LLaVA checkpoint's (unless perturb: one weight changed)."""
     import transformers
-    from tokenizers.processors import TemplateProcessing
+    from sfedge.export.demo import build_clip_checkpoint
 
     def make(llava_ckpt, kind="clip", perturb=False):
         out = tmp_path_factory.getbasetemp() / "clips" / f"{llava_ckpt.name}-{kind}-{perturb}"
-        if out.exists():
-            return out
-        tower = getattr(transformers, json.loads((llava_ckpt / "config.json").read_text())["architectures"][0]) \
-            .from_pretrained(llava_ckpt).model.vision_tower
-        tok = copy.deepcopy(smol_tokenizer)
-        tok._tokenizer.post_processor = TemplateProcessing(
-            single="<|im_start|> $A <|endoftext|>", special_tokens=[("<|im_start|>", 1), ("<|endoftext|>", 0)])
-        tok.eos_token, tok.pad_token = "<|endoftext|>", "<|endoftext|>"
-        text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=2, max_position_embeddings=24, bos_token_id=1, eos_token_id=0, pad_token_id=0)
-        if kind == "clip":
-            model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, projection_dim=16,
-                                                                   vision_config=tower.config.to_dict()))
-        else:
-            model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text,
-                                                                       vision_config=tower.config.to_dict()))
-        missing = model.vision_model.load_state_dict(tower.state_dict(), strict=False)
-        assert not missing.unexpected_keys
-        if perturb:
-            with torch.no_grad():
-                model.vision_model.encoder.layers[1].mlp.fc1.weight[0, 0] += 0.5
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
+        if not out.exists():
+            build_clip_checkpoint(llava_ckpt, out, kind)
+            if perturb:
+                model = transformers.CLIPModel.from_pretrained(out)
+                with torch.no_grad():
+                    model.vision_model.encoder.layers[1].mlp.fc1.weight[0, 0] += 0.5
+                model.save_pretrained(out)
         return out
 
     return make
@@ -206,9 +189,9 @@ def clip_bundle(make_checkpoint, make_clip, tmp_path_factory):
 def test_export_writes_a_checked_clip_side(clip_bundle):
     from sfedge.runtime import manifest as manifest_io
 
-    out, ckpt, m = clip_bundle
+    out, _, m = clip_bundle
     c, fid = m["clip"], m["fidelity"]
-    assert c["tower_match"] and c["model_type"] == "clip" and c["embed_dim"] == 16 and c["context_length"] == 24
+    assert c["tower_match"] and c["model_type"] == "clip" and c["embed_dim"] == 32 and c["context_length"] == 24
     assert {c["text_graph"], c["tokenizer"], m["prompt_pooling"]["graph"]} <= set(m["artifacts"])
     assert m["prompt_pooling"] == {"graph": "prompt_pooling.onnx", "kernel": [2, 3, 3], "temperature": 0.01}
     for name in ("vision.fp32.clip_frame", "vision.fp32.clip_patches", "vision.int8.clip_frame", "clip_text",
@@ -227,7 +210,6 @@ def test_export_writes_a_checked_clip_side(clip_bundle):
 def torch_side(clip_bundle, make_clip):
     """The PyTorch originals: the LLaVA checkpoint and the CLIP model, through transformers."""
     import transformers
-
     from sfedge.export import checkpoint as ckpt_io
 
     _, ckpt, _ = clip_bundle
@@ -322,8 +304,8 @@ def test_bundle_without_clip_side_is_refused(tiny_bundle):
 
 def test_sf_run_question_aware(clip_bundle):
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "sfedge.runtime.cli", *map(str, args)], capture_output=True,
-                              text=True)
+        return subprocess.run([sys.executable, "-m", "sfedge.runtime.cli", *map(str, args)], check=False,
+                              capture_output=True, text=True)
 
     b = clip_bundle[0]
     run = cli("ask", b, "--video", "demo", "-q", "What is it?", "--json", "--max-new-tokens", 2, "--vision", "fp32",
@@ -335,3 +317,31 @@ def test_sf_run_question_aware(clip_bundle):
     assert plan.returncode == 0 and "visual tokens 16" in plan.stdout and "prompt-guided" in plan.stdout
     bad = cli("plan", b, "--frame-selection", "clip", "--candidates", 4)
     assert bad.returncode == 2 and "4 candidates are fewer than the 8 frames" in bad.stderr
+
+
+def test_siglip_side_end_to_end(make_checkpoint, make_clip, tmp_path):
+    """SigLIP: no CLS, a 9x9 grid (uneven for 3x3 windows), the attention-pooling head per patch, questions padded
+    to the context as SigLIP is trained."""
+    from sfedge.runtime import Runtime
+
+    ckpt = make_checkpoint("LlavaOnevisionForConditionalGeneration", tower="siglip", image_size=36, patch=4,
+                           strategy="full")
+    m = export_tiny(ckpt, tmp_path / "b", clip=str(make_clip(ckpt, kind="siglip")), vision_variants=("fp32",))
+    c = m["clip"]
+    assert c["model_type"] == "siglip" and c["pad_to_context"] and c["embed_dim"] == 32 and m["fidelity"]["all_passed"]
+    assert m["fidelity"]["vision.fp32.clip_patches"]["rel_max_abs_error"] <= 1e-4
+    rt = Runtime.load(tmp_path / "b", max_new_tokens=2, pooling="prompt-guided", frame_selection="clip",
+                      candidates=10)
+    assert rt.qa.text.tokenize("a cat").shape == (1, 24)
+    ans = rt.ask("demo", "Is there a cat?")
+    assert ans.visual_tokens == prompt_pooled_count(8, (9, 9), (2, 3, 3)) == 36 and len(ans.selected_frames) == 8
+
+
+def test_bench_worker_measures_each_mode(clip_bundle):
+    from sfedge.export import bench
+
+    for mode in ("slowfast", "clip+prompt-guided"):
+        res = bench.worker_question_aware(clip_bundle[0], "demo", mode)
+        assert res["per_question_s"] >= res["prefill_s"] > 0 and res["encode_s"] > 0
+        assert res["frames_encoded"] == (128 if mode.startswith("clip") else 8)
+    assert res["question_s"] > 0 and res["visual_tokens"] == 16
