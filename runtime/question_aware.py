@@ -24,6 +24,7 @@ import numpy as np
 
 from .clip_text import ClipText
 from .errors import BadBundle, BadInput
+from .planner import visual_tokens
 from .selection import ClipScorer, FrameScorer, nms_select
 from .sessions import Graph
 from .tokens import slow_indices
@@ -40,7 +41,8 @@ class EncodedFrames:
     features: np.ndarray  # [n, P, D] projected features
     clip_frame: np.ndarray  # [n, C]
     clip_patches: np.ndarray  # [n, G, C]
-    token_count: int  # the plan's visual tokens: known before any question
+    frames: int  # T: the fast pathway's frames, or the frames pooled
+    token_count: int  # known before any question
 
 
 def check_modes(root: Path, manifest: dict, selection: str, pooling: str, candidates: int = 128) -> None:
@@ -74,7 +76,8 @@ class QuestionAware:
 
     def encoded(self, outputs: list, frames: int) -> EncodedFrames:
         features, clip_frame, clip_patches = outputs
-        return EncodedFrames(features, clip_frame, clip_patches, self.plan.visual_tokens)
+        t = min(frames, len(features))  # a video shorter than T gives all its frames
+        return EncodedFrames(features, clip_frame, clip_patches, t, visual_tokens(self.manifest, t, self.pooling))
 
     def tokens(self, vt, question: str, aggregator: Graph):
         """(VisualTokens for this question, per-question timings)."""
@@ -83,14 +86,16 @@ class QuestionAware:
             self._cache.move_to_end(key)
             return self._cache[key], {"question": 0.0, "aggregate": 0.0}
         enc: EncodedFrames = vt.encoded
-        n, t = len(enc.features), min(self.plan.frames, len(enc.features))
+        if enc is None:
+            raise BadInput("these VisualTokens hold finished tokens, not encoded frames: encode the video with the "
+                           "runtime that asks (its frame selection and pooling decide what is kept)")
+        n, t = len(enc.features), enc.frames
         t0 = time.perf_counter()
         if self.selection == "clip":
             k = self.manifest["aggregator"]["slow_frames"] if self.pooling == "slowfast" else t
             picked = nms_select(self.scorer.score(enc.clip_frame, question), k) if k <= n else slow_indices(n, k)
-        else:
-            picked = np.arange(n) if self.pooling == "prompt-guided" else slow_indices(n, self.manifest[
-                "aggregator"]["slow_frames"])
+        else:  # uniform frames under prompt-guided pooling (uniform SlowFast never comes here): pool them all
+            picked = np.arange(n)
         text = self.text.embed(question) if self.pooling == "prompt-guided" else None
         t1 = time.perf_counter()
         if self.pooling == "prompt-guided":
