@@ -94,10 +94,10 @@ def build_demo_checkpoint(out: Path, tower_size: str = "base") -> Path:
 
 CLIP_TEXT = {
     # CLIP ViT-B/16's text tower; the bench workload.
-    "base": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
-                 max_position_embeddings=77),
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 max_position_embeddings=24),
+    "base": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8,
+             "max_position_embeddings": 77},
+    "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "max_position_embeddings": 24},
 }
 
 
