@@ -115,22 +115,29 @@ class Runtime:
         t0 = time.perf_counter()
         got = read_frames(video, frames, self.size)
         t1 = time.perf_counter()
-        chunk = self.plan.encode_chunk
-        feats = []
-        for start in range(0, len(got.pixels), chunk):
-            feats.append(self.vision.run({"frames": got.pixels[start:start + chunk]}))
-            if progress:
-                progress(f"encoded {min(start + chunk, len(got.pixels))}/{len(got.pixels)} frames")
-        feats = np.concatenate(feats)
+        feats = self.encode_pixels(got.pixels, progress)
         t2 = time.perf_counter()
-        s = self.manifest["aggregator"]["slow_frames"]
-        tokens = self.aggregator.run({"features": feats, "slow_index": slow_indices(len(feats), s)})
+        tokens = self.aggregate(feats)
         t3 = time.perf_counter()
         notes = list(got.notes)
         if len(got.pixels) < frames:
             notes.append(f"the video has {got.total_frames} frames: used all of them instead of {frames}")
         return VisualTokens(tokens, [int(i) for i in got.indices], got.total_frames, str(resolve_source(video)),
                             got.method, {"decode": t1 - t0, "encode": t2 - t1, "aggregate": t3 - t2}, notes)
+
+    def encode_pixels(self, pixels: np.ndarray, progress=None) -> np.ndarray:
+        """uint8 frames [F, H, W, 3] at the tower's size -> per-frame features [F, P, D], in planned chunks."""
+        chunk, feats = self.plan.encode_chunk, []
+        for start in range(0, len(pixels), chunk):
+            feats.append(self.vision.run({"frames": pixels[start:start + chunk]}))
+            if progress:
+                progress(f"encoded {min(start + chunk, len(pixels))}/{len(pixels)} frames")
+        return np.concatenate(feats)
+
+    def aggregate(self, feats: np.ndarray) -> np.ndarray:
+        """Per-frame features [T, P, D] -> the SlowFast visual tokens [N, D]."""
+        s = self.manifest["aggregator"]["slow_frames"]
+        return self.aggregator.run({"features": feats, "slow_index": slow_indices(len(feats), s)})
 
     def _tokens_for(self, video) -> tuple[VisualTokens, bool]:
         """The video's tokens, and whether they were encoded just now (a repeated path reuses the last ones)."""
@@ -147,6 +154,20 @@ class Runtime:
         vt = self.encode(video)
         self._last_video = (ident, vt) if ident else None
         return vt, True
+
+    def watch(self, source, rules, sample_fps: float = 2.0, realtime: bool = False, max_outage: float = 600.0,
+              max_new_tokens: int | None = None):
+        """Standing questions over a camera, stream, file or (t, frame) iterable: an iterator of JSON-ready records
+        (see `sfedge.runtime.watch`). `rules`: a YAML file, or a list of Rule objects or dicts (question, every,
+        window, optional name and trigger)."""
+        from .rules import load_rules, make_rule
+        from .watch import Watcher
+
+        if isinstance(rules, (str, Path)):
+            rules = load_rules(rules)
+        else:
+            rules = [r if not isinstance(r, dict) else make_rule(r, i, "rules") for i, r in enumerate(rules)]
+        return Watcher(self, source, rules, sample_fps, realtime, max_outage, max_new_tokens)
 
     def ask(self, video, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, style: str = "plain",

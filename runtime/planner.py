@@ -67,8 +67,16 @@ def prefill_bytes(llm: dict, chunk: int, context: int) -> int:
                         + heads * context + llm["vocab_size"] // max(chunk, 1))
 
 
+def ring_bytes(v: dict, ring_frames: int, queued_frames: int) -> int:
+    """The watcher's memory: per-frame features kept for the longest window, and decoded frames waiting to be
+    encoded."""
+    return (ring_frames * v["tokens_per_frame"] * v["hidden_size"] * 4
+            + queued_frames * v["image_size"][0] * v["image_size"][1] * 3)
+
+
 def make_plan(manifest: dict, budget: int | None = None, frames: int | None = None, max_new_tokens: int = 256,
-              vision_variant: str | None = None) -> Plan:
+              vision_variant: str | None = None, ring_frames: int = 0, queued_frames: int = 0) -> Plan:
+    """`ring_frames` / `queued_frames`: a watcher's feature ring buffer and frame queue (0 for single videos)."""
     v, agg, llm = manifest["vision"], manifest["aggregator"], manifest["llm"]
     frames = frames or agg["num_frames"]
     if frames < 1:
@@ -98,6 +106,8 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
         "video frames + tokens": frames * (v["image_size"][0] * v["image_size"][1] * 3 + v["tokens_per_frame"] * d * 4)
                                  + visual * d * 4 * 2,
     }
+    if ring_frames:
+        fixed[f"watch: feature ring ({ring_frames} frames) + queue"] = ring_bytes(v, ring_frames, queued_frames)
     for enc in [c for c in ENCODE_CHUNKS if c <= max(frames, 1)] or [1]:
         for pre in PREFILL_CHUNKS:
             parts = {**fixed, f"encoder activations ({enc} frames)": enc * encoder_bytes_per_frame(v),
