@@ -137,6 +137,17 @@ def test_bad_sources_and_settings_are_clear(rt, tmp_path):
         list(rt.watch([(0, frame(0)), (1, np.zeros((4, 4)))], [{"question": "q", "every": 1, "window": 1}]))
 
 
+def test_a_live_source_drops_frames_it_cannot_encode_in_time_and_counts_them():
+    from sfedge.runtime.watch import QUEUE_FRAMES, FrameFeed
+
+    feed = FrameFeed(Source("rtsp://camera.invalid/stream"), (32, 32), sample_fps=10, realtime=False,
+                     max_outage=1)
+    for i in range(100):  # 10 s at 10 fps offered while nobody encodes
+        feed._offer(i / 10, frame(i))
+    assert feed.queue.qsize() == QUEUE_FRAMES  # bounded: never queued without limit
+    assert (feed.stats.decoded, feed.stats.sampled, feed.stats.dropped) == (100, 100, 100 - QUEUE_FRAMES)
+
+
 def test_the_plan_accounts_for_the_ring_buffer(rt):
     base = make_plan(rt.manifest, None, 8, 6)
     ring = make_plan(rt.manifest, None, 8, 6, ring_frames=1000, queued_frames=16)
