@@ -2,7 +2,8 @@ import subprocess
 import sys
 
 RUNTIME_MODULES = ["sfedge.runtime", "sfedge.runtime.pipeline", "sfedge.runtime.cli", "sfedge.runtime.llm",
-                   "sfedge.runtime.planner", "sfedge.runtime.video", "sfedge.runtime.manifest"]
+                   "sfedge.runtime.planner", "sfedge.runtime.video", "sfedge.runtime.manifest",
+                   "sfedge.runtime.engines", "sfedge.runtime.sessions"]
 
 
 def test_importing_the_runtime_loads_no_torch():
