@@ -119,7 +119,7 @@ def build_engine(onnx_path: Path, profile: dict, precision: str, workspace: int,
             self.last = ""
 
         def log(self, severity, msg):
-            if severity <= trt.ILogger.Severity.ERROR:
+            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
                 self.last = msg
 
     logger = Logger()

@@ -113,7 +113,8 @@ def device_info() -> dict | None:
 
 
 class DeviceBuffer:
-    """CUDA memory that numpy arrays are copied into and out of."""
+    """CUDA memory that numpy arrays are copied into and out of. From pageable numpy memory an upload returns once
+    the array has been staged and a download once it is complete (CUDA's rule), so arrays may go away after."""
 
     def __init__(self, nbytes: int):
         self._cudart = _cudart()

@@ -129,7 +129,7 @@ class Runtime:
         m = manifest_io.load(root, verify_hashes=verify, hash_cache=manifest_io.HashCache())
         budget = parse_size(memory_budget) if memory_budget is not None else None
         if vision_variant is None and resolve(device) != "cpu":
-            # The default int8 graph is dynamically quantized, which GPU providers mostly hand back to the CPU.
+            # The bundle's int8 graph is quantized for the CPU kernels; TensorRT and CUDA run fp16/fp32 well.
             vision_variant = "fp16" if "fp16" in m["vision"]["graphs"] else "fp32"
         plan = make_plan(m, budget, frames, max_new_tokens, vision_variant)
         return cls(root, m, plan, device, threads, decoder_factory)

@@ -256,3 +256,32 @@ def test_sf_export_engines_argument_errors(tmp_path):
     assert run.returncode == BadInput.exit_code and "--fp16: only with --engines BUNDLE" in _one_line(run)
     run = _sf_export("--engines", tmp_path, "ck")
     assert run.returncode == BadInput.exit_code and "takes no CHECKPOINT" in _one_line(run)
+
+
+def test_runtime_on_tensorrt_reports_how_each_graph_runs(bundle, monkeypatch):
+    """The runtime's tensorrt path on this CPU host: ONNX Runtime is told TensorRT is available, the engine in the
+    bundle was built for another GPU, and this CPU build of ONNX Runtime then runs the graphs on the CPU provider."""
+    from sfedge.runtime.pipeline import Runtime
+
+    root, m = bundle
+    e = _entry(ORIN, top=8)
+    _put(root, e)
+    manifest.write(root, dict(m, engines=[e]))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [sessions.TENSORRT, sessions.CUDA, sessions.CPU])
+    monkeypatch.setattr(engines, "device_info", lambda: dict(RTX))
+    with pytest.warns(UserWarning, match="not in available provider names"):
+        rt = Runtime.load(root, device="auto", verify=False)
+    assert rt.device == "tensorrt" and rt.plan.vision_variant == "fp32"
+    assert rt.notes[0] == "auto picked tensorrt"
+    assert any(n.startswith("vision: engine engines/vision.fp16.orin-sm87.plan was built for Orin") for n in rt.notes)
+    assert any(n.startswith("aggregator: the bundle has no TensorRT engine") for n in rt.notes)
+    assert "vision: ONNX Runtime could not start TensorrtExecutionProvider and runs vision.fp32.onnx on " \
+           "CPUExecutionProvider" in rt.notes
+    assert rt.encode("demo").count > 0
+
+
+def test_engine_build_path_imports_no_torch():
+    code = ("import sys, sfedge.export.cli, sfedge.export.engines\n"
+            "print(','.join(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'onnx')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
