@@ -83,6 +83,8 @@ def _ask(a) -> int:
                       max_new_tokens=a.max_new_tokens, vision_variant=a.vision, threads=a.threads)
     _err(f"[sf-run] device {a.device}: {rt.provider}; plan: {rt.plan.frames} frames, context {rt.plan.context} "
          f"tokens, encode chunk {rt.plan.encode_chunk}")
+    for note in rt.notes:
+        _err(f"[sf-run] {note}")
     if rt.untrained_note:
         _err(f"[sf-run] note: {rt.untrained_note}")
     _err(f"[sf-run] decoding and encoding {a.video}")

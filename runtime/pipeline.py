@@ -18,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
+from . import engines
 from . import manifest as manifest_io
 from . import prompt as prompts
 from .clitools import parse_size
@@ -26,7 +27,7 @@ from .generate import Sampling
 from .llm import LanguageModel
 from .memory import peak_rss
 from .planner import Plan, make_plan
-from .sessions import Graph, providers
+from .sessions import Graph, provider_name, providers, resolve
 from .tokens import slow_indices
 from .video import read_frames, resolve_source
 
@@ -82,16 +83,43 @@ class AnswerStream:
 class Runtime:
     def __init__(self, root: Path, manifest: dict, plan: Plan, device: str, threads: int | None,
                  decoder_factory=None):
-        self.root, self.manifest, self.plan, self.device = root, manifest, plan, device
-        prov = providers(device, cache_dir=root / ".engine-cache")
-        self.provider = prov[0] if isinstance(prov[0], str) else prov[0][0]  # what "auto" picked
+        self.root, self.manifest, self.plan = root, manifest, plan
+        self.device = resolve(device)
+        # How each graph runs and why (an engine, or the ONNX graph and the reason): sf-run prints these.
+        self.notes = [f"auto picked {self.device}"] if device == "auto" else []
+        shapes = engines.profile_shapes(manifest, plan)
+        cache = root / manifest_io.ORT_CACHE_DIR
+
+        def prov(role: str, device: str = self.device) -> list:
+            return providers(device, cache, shapes.get(role), plan.sessions.get(role))
+
+        self.provider = provider_name(prov("vision")[0])
+        self._device_info = engines.device_info() if self.device == "tensorrt" else None
         v = manifest["vision"]
-        self.vision = Graph(root / v["graphs"][plan.vision_variant], prov, threads)
-        self.aggregator = Graph(root / manifest["aggregator"]["graph"], prov, threads)
-        self.llm = LanguageModel(root, manifest, plan.context, prov, threads, decoder_factory)
+        self.vision = self._graph("vision", root / v["graphs"][plan.vision_variant], prov("vision"), threads,
+                                  plan.encode_chunk)
+        self.aggregator = self._graph("aggregator", root / manifest["aggregator"]["graph"], prov("aggregator"),
+                                      threads, plan.frames)
+        # The 4-bit decoder's MatMulNBits and GroupQueryAttention have CUDA kernels; TensorRT has neither.
+        llm_device = "cuda" if self.device == "tensorrt" else self.device
+        self.llm = LanguageModel(root, manifest, plan.context, prov("llm", llm_device), threads, decoder_factory)
         self.size = tuple(v["image_size"])
         self._prefix = None  # (video key, KV length after the visual prefix)
         self._last_video = None  # (source identity, VisualTokens) for follow-ups given by path
+
+    def _graph(self, role: str, onnx_path: Path, prov: list, threads: int | None, need_frames: int):
+        """A matching TensorRT engine from the bundle when the device is tensorrt, else the ONNX graph."""
+        if self.device == "tensorrt":
+            entry, reason = engines.choose(self.manifest.get("engines", []), role, self._device_info, self.root,
+                                           need_frames)
+            self.notes.append(reason)
+            if entry:
+                return engines.EngineRunner(self.root / entry["file"])
+        graph = Graph(onnx_path, prov, threads)
+        if graph.provider != provider_name(prov[0]):
+            self.notes.append(f"{role}: ONNX Runtime could not start {provider_name(prov[0])} and runs "
+                              f"{onnx_path.name} on {graph.provider}")
+        return graph
 
     @classmethod
     def load(cls, bundle, device: str = "cpu", memory_budget=None, frames: int | None = None,
@@ -100,6 +128,9 @@ class Runtime:
         root = Path(bundle)
         m = manifest_io.load(root, verify_hashes=verify, hash_cache=manifest_io.HashCache())
         budget = parse_size(memory_budget) if memory_budget is not None else None
+        if vision_variant is None and resolve(device) != "cpu":
+            # The bundle's int8 graph is quantized for the CPU kernels; TensorRT and CUDA run fp16/fp32 well.
+            vision_variant = "fp16" if "fp16" in m["vision"]["graphs"] else "fp32"
         plan = make_plan(m, budget, frames, max_new_tokens, vision_variant)
         return cls(root, m, plan, device, threads, decoder_factory)
 

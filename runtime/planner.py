@@ -29,6 +29,7 @@ class Plan:
     kv_precision: str = "float32"  # the bundle's KV dtype: float32, or int8 if exported with --kv-cache int8
     parts: dict = field(default_factory=dict)  # name -> bytes
     budget: int | None = None
+    sessions: dict = field(default_factory=dict)  # graph (vision, aggregator, llm) -> its share of the parts
 
     @property
     def total(self) -> int:
@@ -94,12 +95,13 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
                          f"tokens that is {context} tokens, over the model's maximum of {llm['max_context']}: "
                          f"use at most {fit} frames or fewer new tokens")
     d = v["hidden_size"]
+    vision_weights = int(_size(manifest, v["graphs"][variant]) * SESSION_FACTOR)
+    llm_weights = int(_size(manifest, llm["graph"], *llm.get("external_data", [])) * SESSION_FACTOR)
     fixed = {
         "runtime": RUNTIME_BASE,
-        f"vision weights ({variant})": int(_size(manifest, v["graphs"][variant]) * SESSION_FACTOR),
+        f"vision weights ({variant})": vision_weights,
         "aggregator": _size(manifest, agg["graph"]),
-        f"llm weights ({llm['precision']})": int(_size(manifest, llm["graph"], *llm.get("external_data", []))
-                                                  * SESSION_FACTOR),
+        f"llm weights ({llm['precision']})": llm_weights,
         "embedding table": _size(manifest, *llm["embeddings"]["files"].values()),
         "tokenizer": 4 * _size(manifest, manifest["tokenizer"]),
         "kv cache": context * kv_bytes_per_token(llm),
@@ -112,8 +114,11 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
         for pre in PREFILL_CHUNKS:
             parts = {**fixed, f"encoder activations ({enc} frames)": enc * encoder_bytes_per_frame(v),
                      f"prefill activations ({pre} tokens)": prefill_bytes(llm, pre, context)}
+            sessions = {"vision": vision_weights + enc * encoder_bytes_per_frame(v),
+                        "aggregator": fixed["aggregator"] + fixed["video frames + tokens"],
+                        "llm": llm_weights + fixed["kv cache"] + prefill_bytes(llm, pre, context)}
             plan = Plan(frames, visual, context, max_new_tokens, enc, pre, variant, llm.get("kv_dtype", "float32"),
-                        parts=parts, budget=budget)
+                        parts=parts, budget=budget, sessions=sessions)
             if budget is None or plan.total <= budget:
                 return plan
     over = plan.total - budget
