@@ -144,6 +144,8 @@ def _watch(a) -> int:
                           max_new_tokens=a.max_new_tokens, vision_variant=a.vision, threads=a.threads)
         watcher = rt.watch(a.source, rules, sample_fps=a.sample_fps, realtime=a.realtime, max_outage=max_outage,
                            max_new_tokens=a.max_new_tokens)
+        for note in rt.notes:
+            _err(f"[sf-run] {note}")
         if rt.untrained_note:
             _err(f"[sf-run] note: {rt.untrained_note}")
         _err(f"[sf-run] watching {watcher.source.label}: {len(rules)} rule(s), {a.sample_fps:g} frames/s; plan:\n"
