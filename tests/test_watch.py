@@ -274,18 +274,18 @@ def test_cli_errors_are_one_line(tiny_bundle, tmp_path):
 
 @pytest.mark.slow
 def test_soak_ten_minutes_of_video_memory_stays_flat(demo_bundle, tmp_path):
-    """12 minutes of stream time, faster than real time, through the demo bundle (ViT-B/16-sized tower, real
+    """11 minutes of stream time, faster than real time, through the demo bundle (ViT-B/16-sized tower, real
     SmolLM2): resident memory after warm-up grows less than 5%."""
-    video = write_video(tmp_path / "soak.mp4", 12 * 60, fps=5, size=(160, 120))
+    video = write_video(tmp_path / "soak.mp4", 11 * 60, fps=5, size=(160, 120))
     out = tmp_path / "soak.jsonl"
     r = subprocess.run([sys.executable, "-m", "sfedge.runtime.cli", "watch", str(demo_bundle), "--source",
-                        str(video), "-q", "What happens?", "-q", "Is anyone there?", "--every", "30s",
-                        "--window", "30s", "--sample-fps", "1", "--max-new-tokens", "8", "--out", str(out)],
+                        str(video), "-q", "What happens?", "-q", "Is anyone there?", "--every", "60s",
+                        "--window", "60s", "--sample-fps", "1", "--max-new-tokens", "8", "--out", str(out)],
                        capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-2000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     answers = [x for x in records if x["kind"] == "answer"]
-    assert len(answers) == 2 * 23 and records[-1]["stream_time"] >= 600
+    assert len(answers) == 2 * 10 and records[-1]["stream_time"] >= 600
     warm = answers[3]["rss_mb"]
     peak = max(x["rss_mb"] for x in answers[3:])
     print(f"soak: rss after warm-up {warm} MB, max after {peak} MB ({(peak - warm) / warm:+.1%}), "
