@@ -8,6 +8,8 @@ against the reference (Hugging Face transformers fp32, default sdpa attention).
   sf-bench e2e     a 50-frame question about a real video, then a follow-up, against the reference pipeline
   sf-bench vision  frames per second of the vision graph variants against PyTorch eager, with cosine
   sf-bench scale   the cost of each stage of our path as the frame count (and so the context) grows
+  sf-bench watch   standing questions over 10 minutes of looped real footage: per-question latency and memory
+                   growth, against answering each question from scratch (re-encoding its window)
   sf-bench question-aware  per-question cost of CLIP frame selection (128 candidates) and prompt-guided pooling
                    against plain SlowFast (a ViT-B/16-sized CLIP text tower added to the default workload)
 """
@@ -323,8 +325,59 @@ def worker_question_aware(bundle: Path, video: str, mode: str) -> dict:
             "per_question_s": statistics.median(sum(x.values()) for x in per_q), "peak_rss": _peak()}
 
 
+WATCH_RULES = [{"name": "what", "question": "What is happening?", "every": "10s", "window": "20s"},
+               {"name": "who", "question": "Is anyone in the scene?", "every": "10s", "window": "20s"}]
+
+
+def _looped_footage(size, seconds: float, fps: float = 25.0):
+    """bigbuckbunny.mp4 then bikes.mp4, looped, as (t, frame) pairs: real footage for as long as a soak needs."""
+    import cv2
+
+    from sfedge.runtime.video import demo_video
+    frames = []
+    for name in ("bigbuckbunny.mp4", "bikes.mp4"):
+        cap = cv2.VideoCapture(str(demo_video().with_name(name)))
+        while True:
+            ok, f = cap.read()
+            if not ok:
+                break
+            frames.append(cv2.resize(f, size[::-1], interpolation=cv2.INTER_AREA))
+        cap.release()
+    return ((i / fps, frames[i % len(frames)]) for i in range(int(seconds * fps)))
+
+
+def worker_watch(backend: str, bundle: Path, minutes: int) -> dict:
+    from sfedge.runtime import Runtime
+    from sfedge.runtime.pipeline import VisualTokens
+
+    rt = Runtime.load(bundle, max_new_tokens=16)
+    if backend == "ours":
+        t0 = time.perf_counter()
+        recs = [r for r in rt.watch(_looped_footage(rt.size, minutes * 60), WATCH_RULES, sample_fps=2)
+                if r["kind"] == "answer"]
+        wall = time.perf_counter() - t0
+        lat = [r["latency_s"] for r in recs]
+        return {"first_s": statistics.median(x["answer"] for x in lat[0::2]),
+                "second_s": statistics.median(x["answer"] for x in lat[1::2]),
+                "encode_per_frame_s": lat[-1]["encode_per_frame"], "stream_s_per_wall_s": minutes * 60 / wall,
+                "answers": len(recs), "rss_warm_mb": recs[4]["rss_mb"],
+                "rss_growth": (max(r["rss_mb"] for r in recs[4:]) - recs[4]["rss_mb"]) / recs[4]["rss_mb"],
+                "peak_rss": _peak()}
+    # From scratch: each question decodes nothing (frames are in memory) but encodes its 40-frame window again and
+    # prefills the whole prompt: what a loop of rt.ask over clips would cost.
+    window = [f for _, f in _looped_footage(rt.size, 20)][6::12][:40]  # 20 s at 2 frames/s, as the watcher keeps
+    pixels = np.ascontiguousarray(np.stack(window)[..., ::-1])  # BGR -> RGB
+    times = []
+    for rule in WATCH_RULES * 3:
+        t0 = time.perf_counter()
+        vt = VisualTokens(rt.aggregate(rt.encode_pixels(pixels)), [], 0, "bench", "memory", {})
+        rt.ask(vt, rule["question"], max_new_tokens=16)
+        times.append(time.perf_counter() - t0)
+    return {"first_s": statistics.median(times), "second_s": statistics.median(times), "peak_rss": _peak()}
+
+
 WORKERS = {"llm": worker_llm, "e2e": worker_e2e, "vision": worker_vision, "llamacpp": worker_llamacpp,
-           "scale": worker_scale, "question-aware": worker_question_aware}
+           "scale": worker_scale, "watch": worker_watch, "question-aware": worker_question_aware}
 
 
 def _spawn(kind: str, *args) -> dict:
@@ -489,6 +542,24 @@ def bench_scale(bundle, ckpt, repeats, log, video="bikes") -> dict:
     return {"results": out, "skipped": {f"{k} frames": v for k, v in skipped.items()}}
 
 
+def bench_watch(bundle, ckpt, repeats, log, minutes=10) -> dict:
+    raw = {"ours": [], "from scratch": []}
+    for r in range(repeats):
+        for b in raw:
+            log(f"watch repeat {r + 1}/{repeats}: {b}")
+            res = _spawn("watch", b.replace(" ", "-"), bundle, minutes)
+            if "error" in res:
+                raise BackendUnavailable(f"watch {b} failed: {res['error']}")
+            raw[b].append(res)
+    out = {b: {k: summarize([x[k] for x in runs]) for k in runs[0]} for b, runs in raw.items()}
+    for b in out:
+        out[b]["peak_mb"] = summarize([x["peak_rss"] / 1e6 for x in raw[b]])
+        del out[b]["peak_rss"]
+    ref = out["from scratch"]
+    out["speedup"] = {k: ratio(out["ours"][k], ref[k], False) for k in ("first_s", "second_s")}
+    return out
+
+
 def bench_question_aware(bundle, ckpt, repeats, log, video="demo") -> dict:
     raw = {m: [] for m in QA_MODES}
     for r in range(repeats):
@@ -561,7 +632,7 @@ def plot(report: dict, out: Path):
         ax.set_xlabel("seconds (median)")
         ax.legend()
     else:
-        key = {"llm": "decode_tok_s", "vision": "fps", "e2e": "first_total_s",
+        key = {"llm": "decode_tok_s", "vision": "fps", "e2e": "first_total_s", "watch": "first_s",
                "question-aware": "per_question_s"}[report["suite"]]
         names = [k for k, v in res.items() if isinstance(v, dict) and isinstance(v.get(key), dict)
                  and v[key].get("median")]
@@ -588,11 +659,12 @@ def _main() -> int:
         return 0
     p = argparse.ArgumentParser(prog="sf-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=["llm", "e2e", "vision", "scale", "question-aware"])
+    p.add_argument("suite", choices=["llm", "e2e", "vision", "scale", "watch", "question-aware"])
     p.add_argument("--bundle", type=Path, help="bundle to measure (default: the cached default workload)")
     p.add_argument("--checkpoint", type=Path, help="the bundle's source checkpoint, for the reference")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--video", help="video for e2e/vision (default: bigbuckbunny.mp4) and scale (default: bikes.mp4)")
+    p.add_argument("--minutes", type=int, default=10, help="watch: minutes of stream time (default 10)")
     p.add_argument("--out", type=Path, help="write JSON, a markdown table and a PNG plot here")
     a = p.parse_args()
     log = lambda m: print(f"[sf-bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
@@ -606,8 +678,10 @@ def _main() -> int:
     else:
         ckpt, bundle = default_bundle(log)
     fn = {"llm": bench_llm, "e2e": bench_e2e, "vision": bench_vision, "scale": bench_scale,
-          "question-aware": bench_question_aware}[a.suite]
-    kw = {"video": a.video} if a.suite != "llm" and a.video else {}
+          "watch": bench_watch, "question-aware": bench_question_aware}[a.suite]
+    kw = {"video": a.video} if a.suite not in ("llm", "watch") and a.video else {}
+    if a.suite == "watch":
+        kw["minutes"] = a.minutes
     data = fn(bundle, ckpt, a.repeats, log, **kw)
     report = {"suite": a.suite, "machine": machine(), "command": " ".join(["sf-bench", *sys.argv[1:]]),
               "data": data}

@@ -11,6 +11,8 @@ from sfedge.runtime.clitools import human, run_cli
 from sfedge.runtime.errors import BadInput
 from sfedge.runtime.tokens import prompt_pooled_count
 
+from .engines import DEFAULT_WORKSPACE
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -18,13 +20,18 @@ def parser() -> argparse.ArgumentParser:
         description="Export a local Hugging Face LLaVA-family checkpoint (Llava, LlavaNext, LlavaNextVideo, "
                     "LlavaOnevision) to an edge bundle: vision tower + projector and the SlowFast aggregator as "
                     "ONNX, the language model as a 4-bit ONNX decoder, each checked against PyTorch.",
-        epilog="Examples:\n  sf-export ./llava-1.5-7b-hf ./bundle\n  sf-export --demo ./demo-bundle",
+        epilog="Examples:\n  sf-export ./llava-1.5-7b-hf ./bundle\n  sf-export --demo ./demo-bundle\n"
+               "  sf-export --engines ./bundle --fp16        (on the GPU that will run it)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", nargs="?", help="checkpoint folder (config.json + weights)")
     p.add_argument("out", nargs="?", help="bundle folder to write (refused if it exists, unless --force)")
     p.add_argument("--demo", metavar="OUT", help="build the built-in demo bundle: real SmolLM2-135M-Instruct with a "
                                                  "seeded, untrained ViT-B/16-sized CLIP tower")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--engines", metavar="BUNDLE",
+                   help="build TensorRT engines of BUNDLE's vision graph and aggregator on this device, into the "
+                        "bundle (needs tensorrt and cuda-python); takes --fp16, --int8, --calibration-videos, "
+                        "--max-frames, --workspace, --memory-budget")
     g = p.add_argument_group("SlowFast pipeline")
     g.add_argument("--frames", type=int, default=50, help="frames sampled per video, T (default 50)")
     g.add_argument("--slow-frames", type=int, default=10, help="slow-pathway frames, S (default 10)")
@@ -36,6 +43,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--calibration-videos", nargs="+", default=[], metavar="VIDEO",
                    help="videos for static int8 (QDQ) calibration and fidelity frames; without them int8 is "
                         "dynamic and fidelity uses the demo footage")
+    g = p.add_argument_group("TensorRT engines (with --engines)")
+    g.add_argument("--fp16", action="store_true", help="fp16 engines")
+    g.add_argument("--int8", action="store_true",
+                   help="int8 vision engine (fp16 where int8 does not help), calibrated on --calibration-videos")
+    g.add_argument("--max-frames", type=int, help="most frames the engines take (default: the bundle's frames)")
+    g.add_argument("--workspace", help=f"TensorRT builder workspace (default {DEFAULT_WORKSPACE})")
+    g.add_argument("--memory-budget",
+                   help="the budget sf-run will plan for: its encode chunk is the frame count engines are tuned for")
     g = p.add_argument_group("language model")
     g.add_argument("--llm-precision", default="int4", choices=["int4", "fp32"])
     g.add_argument("--llm-quant", default="rtn-mixed", choices=["rtn", "rtn-mixed", "accurate"],
@@ -124,8 +139,28 @@ def summary(out: Path, m: dict) -> str:
     return "\n".join(lines)
 
 
+def _engines(a) -> int:
+    from .engines import build_engines
+
+    if a.checkpoint or a.out or a.demo:
+        raise BadInput("--engines BUNDLE takes no CHECKPOINT, OUT or --demo")
+    log = (lambda msg: None) if a.quiet else (lambda msg: print(f"[sf-export] {msg}", file=sys.stderr, flush=True))
+    entries = build_engines(a.engines, fp16=a.fp16, int8=a.int8, calibration_videos=a.calibration_videos,
+                            max_frames=a.max_frames, workspace=a.workspace or DEFAULT_WORKSPACE,
+                            memory_budget=a.memory_budget, log=log)
+    for e in entries:
+        print(f"engine written: {Path(a.engines) / e['file']} ({e['role']}, {e['precision']}, from {e['graph']})")
+    return 0
+
+
 def _main() -> int:
     a = parser().parse_args()
+    if a.engines:  # before any torch import: engines are built on the target device, which may lack torch
+        return _engines(a)
+    engine_only = {"--fp16": a.fp16, "--int8": a.int8, "--max-frames": a.max_frames, "--workspace": a.workspace,
+                   "--memory-budget": a.memory_budget}
+    if any(engine_only.values()):
+        raise BadInput(f"{', '.join(k for k, v in engine_only.items() if v)}: only with --engines BUNDLE")
     if a.quiet or not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is first imported (the GGUF loader's bar)
     from .bundle import Log, export, quiet_libraries

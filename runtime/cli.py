@@ -1,4 +1,5 @@
-"""sf-run: answer questions about videos from a bundle (ask), or show the memory plan (plan)."""
+"""sf-run: answer questions about videos from a bundle (ask), watch a camera or stream with standing questions
+(watch), or show the memory plan (plan)."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,34 @@ def parser() -> argparse.ArgumentParser:
     question_aware_options(a)
     a.add_argument("--pooling-temperature", type=float,
                    help="prompt-guided pooling: softmax temperature inside each window (default: the bundle's, 0.01)")
+    w = sub.add_parser("watch", help="standing questions over a camera, network stream or file; JSON lines out",
+                       description="Ask standing questions about the last N seconds of a camera, network stream "
+                                   "or file, at fixed intervals; one JSON line per answer (and per stream gap). "
+                                   "SIGINT / SIGTERM stop after the current answer; nothing is lost.")
+    w.add_argument("bundle")
+    w.add_argument("--source", required=True,
+                   help="camera index (0) or /dev/videoN, a URL (rtsp://, http:// MJPEG, anything FFmpeg opens), "
+                        "or a video file")
+    w.add_argument("--question", "-q", action="append", default=[], help="a standing question (repeatable)")
+    w.add_argument("--every", action="append", help="interval per question, e.g. 10s (once for all, or per "
+                                                    "question; default 10s)")
+    w.add_argument("--window", action="append", help="how far back each question looks, e.g. 20s (default 20s)")
+    w.add_argument("--trigger", action="append", help="regular expression on the answer that marks an event "
+                                                      "(once for all, or per question)")
+    w.add_argument("--rules", help="YAML file of rules: question, every, window, optional name and trigger")
+    w.add_argument("--sample-fps", type=float, default=2.0, help="frames kept per second of stream (default 2)")
+    w.add_argument("--realtime", action="store_true",
+                   help="play a file at its native frame rate, dropping frames the encoder cannot keep up with "
+                        "(default: as fast as possible, nothing dropped)")
+    w.add_argument("--max-outage", default="10m",
+                   help="give up when a dropped stream stays down this long (default 10m)")
+    w.add_argument("--out", help="append JSON lines to this file (flushed per line) instead of stdout")
+    w.add_argument("--max-new-tokens", type=int, default=64)
+    w.add_argument("--frames", type=int, help="most frames per window (default: the bundle's, usually 50)")
+    w.add_argument("--memory-budget", help="e.g. 2GB: includes the feature ring buffer")
+    w.add_argument("--device", default="cpu", choices=["cpu", "cuda", "tensorrt", "auto"])
+    w.add_argument("--vision", choices=["fp32", "fp16", "int8"], help="vision graph variant (default int8)")
+    w.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     pl = sub.add_parser("plan", help="print the memory plan for a budget",
                         description="Print what a question costs in memory, and the settings that fit a budget.")
     pl.add_argument("bundle")
@@ -70,6 +99,8 @@ def _ask(a) -> int:
     _err(f"[sf-run] device {a.device}: {rt.provider}; plan: {rt.plan.frames} frames, {rt.plan.visual_tokens} visual "
          f"tokens ({a.frame_selection} frames, {a.pooling} pooling), context {rt.plan.context} "
          f"tokens, encode chunk {rt.plan.encode_chunk}")
+    for note in rt.notes:
+        _err(f"[sf-run] {note}")
     if rt.untrained_note:
         _err(f"[sf-run] note: {rt.untrained_note}")
     _err(f"[sf-run] decoding and encoding {a.video}")
@@ -106,6 +137,60 @@ def _ask(a) -> int:
     return 0
 
 
+def _watch(a) -> int:
+    import signal
+
+    from .pipeline import Runtime
+    from .rules import check_names, load_rules, parse_duration, rules_from_args
+
+    rules = load_rules(a.rules) if a.rules else []
+    if a.question:
+        rules += rules_from_args(a.question, a.every, a.window, a.trigger)
+    elif a.every or a.window or a.trigger:
+        raise BadInput("--every, --window and --trigger go with --question")
+    if not rules:
+        raise BadInput("give at least one --question (with --every and --window) or --rules FILE")
+    check_names(rules, "rules")
+    max_outage = parse_duration(a.max_outage, "--max-outage")
+    try:  # opened first: a bad path fails before the bundle loads
+        out = open(a.out, "a", encoding="utf-8") if a.out else sys.stdout
+    except OSError as e:
+        raise BadInput(f"{a.out}: cannot open for appending ({e.strerror})") from None
+    try:
+        _err(f"[sf-run] loading {a.bundle}")
+        rt = Runtime.load(a.bundle, device=a.device, memory_budget=a.memory_budget, frames=a.frames,
+                          max_new_tokens=a.max_new_tokens, vision_variant=a.vision, threads=a.threads)
+        watcher = rt.watch(a.source, rules, sample_fps=a.sample_fps, realtime=a.realtime, max_outage=max_outage,
+                           max_new_tokens=a.max_new_tokens)
+        for note in rt.notes:
+            _err(f"[sf-run] {note}")
+        if rt.untrained_note:
+            _err(f"[sf-run] note: {rt.untrained_note}")
+        _err(f"[sf-run] watching {watcher.source.label}: {len(rules)} rule(s), {a.sample_fps:g} frames/s; plan:\n"
+             f"{rt.plan.table()}")
+        stops = []
+
+        def _stop(signum, frame):
+            if stops:  # a second signal: stop now
+                raise KeyboardInterrupt
+            stops.append(signum)
+            _err(f"[sf-run] {signal.Signals(signum).name}: finishing the current answer, then stopping")
+            watcher.stop()
+
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGTERM, _stop)
+        count = 0
+        for record in watcher:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            count += record["kind"] == "answer"
+        _err(f"[sf-run] {record['reason']}: {count} answers written")
+        return 0
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
 def _plan(a) -> int:
     from . import manifest as manifest_io
     from .planner import make_plan
@@ -114,8 +199,8 @@ def _plan(a) -> int:
     m = manifest_io.load(a.bundle, hash_cache=manifest_io.HashCache())
     budget = parse_size(a.memory_budget) if a.memory_budget else None
     check_modes(a.bundle, m, a.frame_selection, a.pooling, a.candidates)
-    print(make_plan(m, budget, a.frames, a.max_new_tokens, a.vision, a.pooling,
-                    a.candidates if a.frame_selection == "clip" else 0).table())
+    print(make_plan(m, budget, a.frames, a.max_new_tokens, a.vision, pooling=a.pooling,
+                    candidates=a.candidates if a.frame_selection == "clip" else 0).table())
     return 0
 
 
@@ -125,6 +210,10 @@ def _main() -> int:
         if a.max_new_tokens < 1:
             raise BadInput("--max-new-tokens must be at least 1")
         return _ask(a)
+    if a.cmd == "watch":
+        if a.max_new_tokens < 1:
+            raise BadInput("--max-new-tokens must be at least 1")
+        return _watch(a)
     return _plan(a)
 
 

@@ -33,8 +33,10 @@ class Decoder:
         shape = [1, kv_heads, max_len, head_dim]
         kv_type = next(i.type for i in self.session.get_inputs() if i.name == "past_key_values.0.key")
         dtype = KV_TYPES[kv_type]  # fp32, or int8 when the graph was built with a calibrated int8 KV cache
-        self._kv = [(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype),
-                     ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype)) for _ in range(layers)]
+        # On a GPU the cache lives in device memory: bound from host memory, every step would copy all of it.
+        device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self._kv = [(ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0),
+                     ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)) for _ in range(layers)]
         self._logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, spec["vocab_size"]], np.float32)
         self._mask = np.ones((1, max_len), dtype=np.int64)
         self._binding = self.session.io_binding()

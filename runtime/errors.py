@@ -44,3 +44,8 @@ class GraphFailed(SFEdgeError):
 class ExportFailed(SFEdgeError):
     """The export could not finish (a full disk, say); nothing was written."""
     exit_code = 9
+
+
+class SourceLost(SFEdgeError):
+    """A camera or stream that stopped delivering frames and did not come back within the allowed outage."""
+    exit_code = 10

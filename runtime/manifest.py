@@ -16,6 +16,8 @@ from .errors import BadBundle
 SCHEMA_VERSION = 1
 TOOLKIT_VERSION = "0.1.0"
 MANIFEST = "manifest.json"
+ENGINES_DIR = "engines"  # TensorRT engines and timing caches: device-specific, optional (see `load`)
+ORT_CACHE_DIR = ".engine-cache"  # ONNX Runtime's TensorRT engine cache: rewritten at run time, never hashed
 
 # field -> type, for every section the runtime reads. Nested dicts are checked recursively.
 SCHEMA = {
@@ -47,6 +49,10 @@ OPTIONAL = {
     },
     "prompt_pooling": {"graph": str, "kernel": list, "temperature": (int, float)},
 }
+# One entry of the optional "engines" list: a TensorRT engine built by `sf-export --engines` on a target device.
+ENGINE = {"role": str, "graph": str, "file": str, "precision": str, "profile": dict, "gpu": str,
+          "compute_capability": str, "tensorrt": str}
+ENGINE_ROLES = ("vision", "aggregator")
 
 
 def sha256_file(path: Path) -> str:
@@ -61,7 +67,7 @@ def artifact_entries(root: Path) -> dict:
     """Size and sha256 of every file in the bundle folder except the manifest itself."""
     out = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.name != MANIFEST and ORT_CACHE_DIR not in p.relative_to(root).parts:
             out[p.relative_to(root).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     return out
 
@@ -71,6 +77,7 @@ def write(root: Path, manifest: dict) -> None:
                 "artifacts": artifact_entries(root)}
     _check_fields(manifest, SCHEMA, root / MANIFEST, "")
     _check_optional(manifest, root / MANIFEST)
+    _check_engines(manifest, root / MANIFEST)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
@@ -91,6 +98,20 @@ def _check_optional(obj: dict, where: Path) -> None:
     _check_fields(obj, present, where, "")
     if "prompt_pooling" in obj and "clip" not in obj:
         raise BadBundle(f"{where}: 'prompt_pooling' needs the 'clip' section (its text tower)")
+
+
+def _check_engines(manifest: dict, where: Path) -> None:
+    engines = manifest.get("engines", [])
+    if not isinstance(engines, list):
+        raise BadBundle(f"{where}: field 'engines' must be a list")
+    for i, entry in enumerate(engines):
+        if not isinstance(entry, dict):
+            raise BadBundle(f"{where}: field 'engines.{i}' must be an object")
+        _check_fields(entry, ENGINE, where, f"engines.{i}.")
+        if entry["role"] not in ENGINE_ROLES:
+            raise BadBundle(f"{where}: field 'engines.{i}.role' must be one of {', '.join(ENGINE_ROLES)}")
+        if not entry["file"].startswith(f"{ENGINES_DIR}/"):
+            raise BadBundle(f"{where}: field 'engines.{i}.file' must lie in the bundle's {ENGINES_DIR}/ folder")
 
 
 def resolve_inside(root: Path, rel: str, where: Path) -> Path:
@@ -123,6 +144,7 @@ def load(root: Path, verify_hashes: bool = True, hash_cache: "HashCache | None" 
                         f"version {SCHEMA_VERSION} only: re-export the bundle, or use the toolkit that wrote it")
     _check_fields(manifest, SCHEMA, where, "")
     _check_optional(manifest, where)
+    _check_engines(manifest, where)
     artifacts = manifest["artifacts"]
     for rel, entry in artifacts.items():
         path = resolve_inside(root, rel, where)
@@ -130,6 +152,8 @@ def load(root: Path, verify_hashes: bool = True, hash_cache: "HashCache | None" 
                 entry.get("sha256"), str):
             raise BadBundle(f"{where}: artifact {rel!r} needs an integer size and a sha256")
         if not path.is_file():
+            if rel.startswith(f"{ENGINES_DIR}/"):
+                continue  # engines are optional: a copy without them runs the ONNX graphs (runtime.engines says so)
             raise BadBundle(f"{path}: listed in the manifest but missing (incomplete copy?)")
         if path.stat().st_size != entry["size"]:
             raise BadBundle(f"{path}: size {path.stat().st_size} differs from the manifest's {entry['size']} "
@@ -155,7 +179,8 @@ def referenced_paths(manifest: dict) -> list[str]:
     nf4 = manifest.get("llm_nf4", {})
     parts = {"vision.graphs": manifest["vision"]["graphs"], "llm.embeddings.files": llm["embeddings"].get("files"),
              "llm.external_data": llm.get("external_data", []),
-             "llm_nf4.files": nf4.get("files", []) if isinstance(nf4, dict) else None}
+             "llm_nf4.files": nf4.get("files", []) if isinstance(nf4, dict) else None,
+             "engines": [e["file"] for e in manifest.get("engines", [])]}
     paths = [manifest["aggregator"]["graph"], llm["graph"], manifest["tokenizer"]]
     if "clip" in manifest:
         paths += [manifest["clip"]["text_graph"], manifest["clip"]["tokenizer"]]

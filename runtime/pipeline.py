@@ -18,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
+from . import engines
 from . import manifest as manifest_io
 from . import prompt as prompts
 from .clitools import parse_size
@@ -27,7 +28,7 @@ from .llm import LanguageModel
 from .memory import peak_rss
 from .planner import Plan, make_plan
 from .question_aware import QuestionAware, check_modes
-from .sessions import Graph, providers
+from .sessions import Graph, provider_name, providers, resolve
 from .tokens import slow_indices
 from .video import read_frames, resolve_source
 
@@ -88,18 +89,47 @@ class Runtime:
     def __init__(self, root: Path, manifest: dict, plan: Plan, device: str, threads: int | None,
                  decoder_factory=None, frame_selection: str = "uniform", pooling: str = "slowfast",
                  pooling_temperature: float | None = None, scorer=None):
-        self.root, self.manifest, self.plan, self.device = root, manifest, plan, device
-        prov = providers(device, cache_dir=root / ".engine-cache")
-        self.provider = prov[0] if isinstance(prov[0], str) else prov[0][0]  # what "auto" picked
+        self.root, self.manifest, self.plan = root, manifest, plan
+        self.device = resolve(device)
+        # How each graph runs and why (an engine, or the ONNX graph and the reason): sf-run prints these.
+        self.notes = [f"auto picked {self.device}"] if device == "auto" else []
+        shapes = engines.profile_shapes(manifest, plan)
+        cache = root / manifest_io.ORT_CACHE_DIR
+
+        def prov(role: str, device: str = self.device) -> list:
+            return providers(device, cache, shapes.get(role), plan.sessions.get(role))
+
+        self.provider = provider_name(prov("vision")[0])
+        self._device_info = engines.device_info() if self.device == "tensorrt" else None
         v = manifest["vision"]
-        self.vision = Graph(root / v["graphs"][plan.vision_variant], prov, threads)
-        self.aggregator = Graph(root / manifest["aggregator"]["graph"], prov, threads)
-        self.llm = LanguageModel(root, manifest, plan.context, prov, threads, decoder_factory)
-        self.qa = (QuestionAware(root, manifest, plan, prov, threads, frame_selection, pooling, pooling_temperature,
-                                 scorer) if (frame_selection, pooling) != ("uniform", "slowfast") else None)
+        self.vision = self._graph("vision", root / v["graphs"][plan.vision_variant], prov("vision"), threads,
+                                  plan.encode_chunk)
+        self.aggregator = self._graph("aggregator", root / manifest["aggregator"]["graph"], prov("aggregator"),
+                                      threads, max(plan.frames, plan.candidates))
+        # The 4-bit decoder's MatMulNBits and GroupQueryAttention have CUDA kernels; TensorRT has neither.
+        llm_device = "cuda" if self.device == "tensorrt" else self.device
+        self.llm = LanguageModel(root, manifest, plan.context, prov("llm", llm_device), threads, decoder_factory)
+        # The CLIP text tower and the prompt-guided pooling are small and shape-varied: ONNX Runtime, no engines.
+        self.qa = (QuestionAware(root, manifest, plan, prov("clip", llm_device), threads, frame_selection, pooling,
+                                 pooling_temperature, scorer)
+                   if (frame_selection, pooling) != ("uniform", "slowfast") else None)
         self.size = tuple(v["image_size"])
         self._prefix = None  # (video key, KV length after the visual prefix)
         self._last_video = None  # (source identity, VisualTokens) for follow-ups given by path
+
+    def _graph(self, role: str, onnx_path: Path, prov: list, threads: int | None, need_frames: int):
+        """A matching TensorRT engine from the bundle when the device is tensorrt, else the ONNX graph."""
+        if self.device == "tensorrt":
+            entry, reason = engines.choose(self.manifest.get("engines", []), role, self._device_info, self.root,
+                                           need_frames)
+            self.notes.append(reason)
+            if entry:
+                return engines.EngineRunner(self.root / entry["file"])
+        graph = Graph(onnx_path, prov, threads)
+        if graph.provider != provider_name(prov[0]):
+            self.notes.append(f"{role}: ONNX Runtime could not start {provider_name(prov[0])} and runs "
+                              f"{onnx_path.name} on {graph.provider}")
+        return graph
 
     @classmethod
     def load(cls, bundle, device: str = "cpu", memory_budget=None, frames: int | None = None,
@@ -113,8 +143,11 @@ class Runtime:
         m = manifest_io.load(root, verify_hashes=verify, hash_cache=manifest_io.HashCache())
         check_modes(root, m, frame_selection, pooling, candidates)
         budget = parse_size(memory_budget) if memory_budget is not None else None
-        plan = make_plan(m, budget, frames, max_new_tokens, vision_variant, pooling,
-                         candidates if frame_selection == "clip" else 0)
+        if vision_variant is None and resolve(device) != "cpu":
+            # The bundle's int8 graph is quantized for the CPU kernels; TensorRT and CUDA run fp16/fp32 well.
+            vision_variant = "fp16" if "fp16" in m["vision"]["graphs"] else "fp32"
+        plan = make_plan(m, budget, frames, max_new_tokens, vision_variant, pooling=pooling,
+                         candidates=candidates if frame_selection == "clip" else 0)
         return cls(root, m, plan, device, threads, decoder_factory, frame_selection, pooling, pooling_temperature,
                    scorer)
 
@@ -130,13 +163,7 @@ class Runtime:
         t0 = time.perf_counter()
         got = read_frames(video, self.qa.decode_count(frames) if self.qa else frames, self.size)
         t1 = time.perf_counter()
-        chunk = self.plan.encode_chunk
-        outs = []  # per chunk: features, then the CLIP outputs if the bundle has them
-        for start in range(0, len(got.pixels), chunk):
-            outs.append(self.vision.run_all({"frames": got.pixels[start:start + chunk]}))
-            if progress:
-                progress(f"encoded {min(start + chunk, len(got.pixels))}/{len(got.pixels)} frames")
-        outs = [np.concatenate(o) for o in zip(*outs)] if self.qa else [np.concatenate([o[0] for o in outs])]
+        outs = self.encode_pixels(got.pixels, progress, all_outputs=self.qa is not None)
         t2 = time.perf_counter()
         notes = list(got.notes)
         if len(got.pixels) < frames:
@@ -147,14 +174,29 @@ class Runtime:
         if self.qa:  # the tokens wait for the question
             vt.encoded = self.qa.encoded(outs, frames)
             return vt
-        t = len(outs[0])
-        slow = slow_indices(t, self.manifest["aggregator"]["slow_frames"])
-        feeds = {"features": outs[0], "slow_index": slow, "fast_index": np.arange(t)}
-        # Bundles exported before fast_index existed pool every frame they get, which is what arange(T) says.
-        vt.tokens = self.aggregator.run({k: v for k, v in feeds.items() if k in self.aggregator.inputs})
+        vt.tokens = self.aggregate(outs)
         vt.timings["aggregate"] = time.perf_counter() - t2
-        vt.selected_frames = [indices[i] for i in slow]
+        vt.selected_frames = [indices[i] for i in slow_indices(len(outs), self.manifest["aggregator"]["slow_frames"])]
         return vt
+
+    def encode_pixels(self, pixels: np.ndarray, progress=None, all_outputs: bool = False):
+        """uint8 frames [F, H, W, 3] at the tower's size -> per-frame features [F, P, D], in planned chunks; with
+        `all_outputs`, every output of the vision graph (a --clip bundle's adds clip_frame and clip_patches)."""
+        chunk, outs = self.plan.encode_chunk, []
+        for start in range(0, len(pixels), chunk):
+            feeds = {"frames": pixels[start:start + chunk]}
+            outs.append(self.vision.run_all(feeds) if all_outputs else [self.vision.run(feeds)])
+            if progress:
+                progress(f"encoded {min(start + chunk, len(pixels))}/{len(pixels)} frames")
+        outs = [np.concatenate(o) for o in zip(*outs)]
+        return outs if all_outputs else outs[0]
+
+    def aggregate(self, feats: np.ndarray) -> np.ndarray:
+        """Per-frame features [T, P, D] -> the SlowFast visual tokens [N, D], every frame in the fast pathway."""
+        t, s = len(feats), self.manifest["aggregator"]["slow_frames"]
+        feeds = {"features": feats, "slow_index": slow_indices(t, s), "fast_index": np.arange(t)}
+        # Bundles exported before fast_index existed pool every frame they get, which is what arange(T) says.
+        return self.aggregator.run({k: v for k, v in feeds.items() if k in self.aggregator.inputs})
 
     def _tokens_for(self, video) -> tuple[VisualTokens, bool]:
         """The video's tokens, and whether they were encoded just now (a repeated path reuses the last ones)."""
@@ -171,6 +213,20 @@ class Runtime:
         vt = self.encode(video)
         self._last_video = (ident, vt) if ident else None
         return vt, True
+
+    def watch(self, source, rules, sample_fps: float = 2.0, realtime: bool = False, max_outage: float = 600.0,
+              max_new_tokens: int | None = None):
+        """Standing questions over a camera, stream, file or (t, frame) iterable: an iterator of JSON-ready records
+        (see `sfedge.runtime.watch`). `rules`: a YAML file, or a list of Rule objects or dicts (question, every,
+        window, optional name and trigger)."""
+        from .rules import load_rules, make_rule
+        from .watch import Watcher
+
+        if isinstance(rules, (str, Path)):
+            rules = load_rules(rules)
+        else:
+            rules = [r if not isinstance(r, dict) else make_rule(r, i, "rules") for i, r in enumerate(rules)]
+        return Watcher(self, source, rules, sample_fps, realtime, max_outage, max_new_tokens)
 
     def ask(self, video, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, style: str = "plain",

@@ -31,6 +31,7 @@ class Plan:
     candidates: int = 0  # frames scored per question by CLIP frame selection; 0 = uniform sampling
     parts: dict = field(default_factory=dict)  # name -> bytes
     budget: int | None = None
+    sessions: dict = field(default_factory=dict)  # graph (vision, aggregator, llm) -> its share of the parts
 
     @property
     def total(self) -> int:
@@ -78,8 +79,17 @@ def visual_tokens(manifest: dict, frames: int, pooling: str) -> int:
     return visual_token_count(frames, manifest["aggregator"], manifest["vision"]["patch_grid"])
 
 
+def ring_bytes(v: dict, ring_frames: int, queued_frames: int) -> int:
+    """The watcher's memory: per-frame features kept for the longest window, and decoded frames waiting to be
+    encoded."""
+    return (ring_frames * v["tokens_per_frame"] * v["hidden_size"] * 4
+            + queued_frames * v["image_size"][0] * v["image_size"][1] * 3)
+
+
 def make_plan(manifest: dict, budget: int | None = None, frames: int | None = None, max_new_tokens: int = 256,
-              vision_variant: str | None = None, pooling: str = "slowfast", candidates: int = 0) -> Plan:
+              vision_variant: str | None = None, ring_frames: int = 0, queued_frames: int = 0,
+              pooling: str = "slowfast", candidates: int = 0) -> Plan:
+    """`ring_frames` / `queued_frames`: a watcher's feature ring buffer and frame queue (0 for single videos)."""
     v, agg, llm = manifest["vision"], manifest["aggregator"], manifest["llm"]
     frames = frames or agg["num_frames"]
     if frames < 1:
@@ -99,12 +109,13 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
                          f"tokens that is {context} tokens, over the model's maximum of {llm['max_context']}: "
                          f"use at most {fit} frames or fewer new tokens")
     d = v["hidden_size"]
+    vision_weights = int(_size(manifest, v["graphs"][variant]) * SESSION_FACTOR)
+    llm_weights = int(_size(manifest, llm["graph"], *llm.get("external_data", [])) * SESSION_FACTOR)
     fixed = {
         "runtime": RUNTIME_BASE,
-        f"vision weights ({variant})": int(_size(manifest, v["graphs"][variant]) * SESSION_FACTOR),
+        f"vision weights ({variant})": vision_weights,
         "aggregator": _size(manifest, agg["graph"]),
-        f"llm weights ({llm['precision']})": int(_size(manifest, llm["graph"], *llm.get("external_data", []))
-                                                  * SESSION_FACTOR),
+        f"llm weights ({llm['precision']})": llm_weights,
         "embedding table": _size(manifest, *llm["embeddings"]["files"].values()),
         "tokenizer": 4 * _size(manifest, manifest["tokenizer"]),
         "kv cache": context * kv_bytes_per_token(llm),
@@ -113,12 +124,17 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
     }
     if "clip" in manifest:
         fixed.update(question_aware_parts(manifest, frames, pooling, candidates))
+    if ring_frames:
+        fixed[f"watch: feature ring ({ring_frames} frames) + queue"] = ring_bytes(v, ring_frames, queued_frames)
     for enc in [c for c in ENCODE_CHUNKS if c <= max(frames, 1)] or [1]:
         for pre in PREFILL_CHUNKS:
             parts = {**fixed, f"encoder activations ({enc} frames)": enc * encoder_bytes_per_frame(v),
                      f"prefill activations ({pre} tokens)": prefill_bytes(llm, pre, context)}
+            sessions = {"vision": vision_weights + enc * encoder_bytes_per_frame(v),
+                        "aggregator": fixed["aggregator"] + fixed["video frames + tokens"],
+                        "llm": llm_weights + fixed["kv cache"] + prefill_bytes(llm, pre, context)}
             plan = Plan(frames, visual, context, max_new_tokens, enc, pre, variant, llm.get("kv_dtype", "float32"),
-                        pooling, candidates, parts=parts, budget=budget)
+                        pooling, candidates, parts=parts, budget=budget, sessions=sessions)
             if budget is None or plan.total <= budget:
                 return plan
     over = plan.total - budget

@@ -1,4 +1,7 @@
-"""ONNX Runtime sessions: execution providers per device, and graph runs whose failures name the graph."""
+"""ONNX Runtime sessions: execution providers per device, and graph runs whose failures name the graph.
+
+The provider lists are built by pure functions from the device, the memory plan's share for the graph and its
+TensorRT profile, so the option dictionaries are tested on machines without a GPU."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,31 +12,65 @@ import onnxruntime as ort
 from .errors import BackendUnavailable, GraphFailed
 
 DEVICES = ("cpu", "cuda", "tensorrt", "auto")
+CPU, CUDA, TENSORRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+NEEDS = {"cuda": CUDA, "tensorrt": TENSORRT}
 
 
-def providers(device: str, cache_dir: Path | None = None) -> list:
-    """Provider list for a device, best first, CPU last as the fallback for nodes a GPU provider lacks."""
-    available = ort.get_available_providers()
+def resolve(device: str, available: list[str] | None = None) -> str:
+    """The concrete device: 'auto' becomes the best one this onnxruntime build offers; a GPU device whose provider
+    the build lacks is refused."""
+    available = ort.get_available_providers() if available is None else available
     if device == "auto":
-        device = "tensorrt" if "TensorrtExecutionProvider" in available else (
-            "cuda" if "CUDAExecutionProvider" in available else "cpu")
+        return "tensorrt" if TENSORRT in available else "cuda" if CUDA in available else "cpu"
     if device not in DEVICES:
         raise BackendUnavailable(f"device {device!r}: choose one of {', '.join(DEVICES)}")
-    cuda = "CUDAExecutionProvider"
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    need = "CUDAExecutionProvider" if device == "cuda" else "TensorrtExecutionProvider"
-    if need not in available:
+    if device in NEEDS and NEEDS[device] not in available:
         raise BackendUnavailable(
-            f"device {device!r} needs ONNX Runtime's {need}, which this onnxruntime build does not have "
+            f"device {device!r} needs ONNX Runtime's {NEEDS[device]}, which this onnxruntime build does not have "
             f"(available: {', '.join(available)}); install onnxruntime-gpu instead of onnxruntime on a GPU host")
-    if device == "cuda":
-        return [cuda, "CPUExecutionProvider"]
-    trt = {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_timing_cache_enable": True}
+    return device
+
+
+def shape_string(shapes: dict) -> str:
+    """{'frames': (1, 336, 336, 3)} -> 'frames:1x336x336x3', the TensorRT provider's profile format."""
+    return ",".join(f"{name}:{'x'.join(str(int(d)) for d in shape)}" for name, shape in shapes.items())
+
+
+def tensorrt_options(cache_dir: Path | None, profile: dict | None = None, workspace: int | None = None,
+                     fp16: bool = True) -> dict:
+    """TensorRT provider options. `profile` maps each input to its (min, opt, max) shapes; with it the cached
+    engine covers every frame count the plan feeds, instead of being rebuilt whenever a new shape arrives."""
+    opts = {"trt_fp16_enable": fp16, "trt_engine_cache_enable": True, "trt_timing_cache_enable": True}
     if cache_dir:
-        trt["trt_engine_cache_path"] = str(cache_dir)
-        trt["trt_timing_cache_path"] = str(cache_dir)
-    return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
+        opts["trt_engine_cache_path"] = str(cache_dir)
+        opts["trt_timing_cache_path"] = str(cache_dir)
+    if profile:
+        for i, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
+            opts[key] = shape_string({name: shapes[i] for name, shapes in profile.items()})
+    if workspace:
+        opts["trt_max_workspace_size"] = int(workspace)
+    return opts
+
+
+def cuda_options(mem_limit: int | None = None) -> dict:
+    """CUDA provider options: the session's arena is capped at its share of the memory plan."""
+    return {"gpu_mem_limit": int(mem_limit), "arena_extend_strategy": "kSameAsRequested"} if mem_limit else {}
+
+
+def providers(device: str, cache_dir: Path | None = None, profile: dict | None = None, mem_limit: int | None = None,
+              workspace: int | None = None) -> list:
+    """Provider list for a device, best first, CPU last as the fallback for nodes a GPU provider lacks."""
+    device = resolve(device)
+    if device == "cpu":
+        return [CPU]
+    cuda = (CUDA, cuda_options(mem_limit))
+    if device == "cuda":
+        return [cuda, CPU]
+    return [(TENSORRT, tensorrt_options(cache_dir, profile, workspace)), cuda, CPU]
+
+
+def provider_name(entry) -> str:
+    return entry if isinstance(entry, str) else entry[0]
 
 
 class Graph:
@@ -47,6 +84,8 @@ class Graph:
         except Exception as e:
             raise GraphFailed(f"{path}: ONNX Runtime cannot load this graph: {e}") from None
         self.inputs = {i.name for i in self.session.get_inputs()}
+        # What really runs: ONNX Runtime drops a GPU provider whose libraries fail to load (with a warning only).
+        self.provider = self.session.get_providers()[0]
 
     def run(self, feeds: dict) -> np.ndarray:
         return self.run_all(feeds)[0]

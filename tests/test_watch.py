@@ -1,0 +1,293 @@
+"""The camera watcher: rules, sources (file, synthetic frames, an HTTP MJPEG stream served here), reconnection,
+signals, and bounded memory over a long stream."""
+import http.server
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from sfedge.runtime import Runtime
+from sfedge.runtime.errors import BadInput, DoesNotFit, SourceLost
+from sfedge.runtime.planner import make_plan
+from sfedge.runtime.rules import load_rules, parse_duration, rules_from_args
+from sfedge.runtime.watch import Source
+
+
+def frame(i: int, h=48, w=64) -> np.ndarray:
+    f = np.zeros((h, w, 3), np.uint8)
+    f[:] = (i * 7 % 255, 60, 120)
+    f[10:30, (i * 3) % (w - 16):(i * 3) % (w - 16) + 16] = 255
+    return f
+
+
+def write_video(path, seconds: float, fps: int = 10, size=(64, 48)):
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    for i in range(int(seconds * fps)):
+        out.write(frame(i, size[1], size[0]))
+    out.release()
+    return path
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_bundle):
+    return Runtime.load(tiny_bundle[0], vision_variant="fp32", max_new_tokens=6)
+
+
+# ---- rules -------------------------------------------------------------------------------------------------------
+
+def test_durations():
+    assert parse_duration("10s") == 10 and parse_duration("500ms") == 0.5 and parse_duration("2m") == 120
+    assert parse_duration("1h") == 3600 and parse_duration(7) == 7 and parse_duration("1.5") == 1.5
+    for bad in ("0s", "-3s", "ten seconds", "", True, "5 parsecs"):
+        with pytest.raises(BadInput):
+            parse_duration(bad)
+
+
+def test_rules_file(tmp_path):
+    f = tmp_path / "rules.yaml"
+    f.write_text("- question: Is the door open?\n  every: 5s\n  window: 30s\n  trigger: '(?i)\\byes\\b'\n"
+                 "- name: people\n  question: How many people?\n  every: 1m\n  window: 1m\n"
+                 "  trigger: {keywords: ['yes', person]}\n")
+    a, b = load_rules(f)
+    assert (a.name, a.every, a.window) == ("rule-1", 5, 30) and a.triggered("Yes, it is.")
+    assert not a.triggered("eyes closed")
+    assert (b.name, b.every) == ("people", 60) and b.triggered("A Person walks by") and not b.triggered("persons")
+
+
+@pytest.mark.parametrize("text, complaint", [
+    ("- question: q\n  every: 5s\n", "rule 1: 'window' is missing"),
+    ("- question: q\n  every: soon\n  window: 5s\n", "rule 1: every 'soon'"),
+    ("- question: ''\n  every: 5s\n  window: 5s\n", "'question' must be non-empty"),
+    ("- question: q\n  every: 5s\n  window: 5s\n  trigger: '(unclosed'\n", "not a valid regular expression"),
+    ("- question: q\n  every: 5s\n  window: 5s\n  trigger: {keywords: [yes]}\n", "quote it"),
+    ("- question: q\n  every: 5s\n  window: 5s\n  colour: red\n", "unknown field(s) colour"),
+    ("- {name: a, question: q, every: 5s, window: 5s}\n- {name: a, question: r, every: 5s, window: 5s}\n",
+     "two rules are named 'a'"),
+    ("question: q\n", "expected a non-empty list of rules"),
+    ("- [unclosed\n", "not valid YAML"),
+    ("- just a string\n", "rule 1: must be a mapping"),
+])
+def test_bad_rules_are_refused_naming_file_and_rule(tmp_path, text, complaint):
+    f = tmp_path / "rules.yaml"
+    f.write_text(text)
+    with pytest.raises(BadInput) as e:
+        load_rules(f)
+    assert str(f) in str(e.value) and complaint in str(e.value)
+
+
+def test_rules_from_the_command_line():
+    a, b = rules_from_args(["q1", "q2"], ["5s"], ["10s", "20s"], None)
+    assert (a.every, a.window, b.every, b.window) == (5, 10, 5, 20)
+    with pytest.raises(BadInput, match="--window is given 3 times for 2 questions"):
+        rules_from_args(["q1", "q2"], None, ["1s", "2s", "3s"])
+    with pytest.raises(BadInput, match="no such rules file"):
+        load_rules("/nonexistent/rules.yaml")
+
+
+# ---- the pipeline ------------------------------------------------------------------------------------------------
+
+def test_synthetic_frames_each_encoded_once_and_windows_answered_like_ask(rt):
+    source = [(i / 10, frame(i)) for i in range(10 * 31)]  # 31 s at 10 fps; every 5th frame is sampled
+    encoded = []
+    run = rt.vision.run
+    rt.vision.run = lambda feeds: encoded.append(len(feeds["frames"])) or run(feeds)
+    try:
+        rules = [{"name": "what", "question": "What happens?", "every": "10s", "window": "20s"},
+                 {"name": "door", "question": "Is the door open?", "every": "10s", "window": "20s",
+                  "trigger": {"keywords": ["the"]}}]
+        records = list(rt.watch(source, rules, sample_fps=2))
+    finally:
+        rt.vision.run = run
+    answers = [r for r in records if r["kind"] == "answer"]
+    assert [(r["rule"], r["window"]["end"]) for r in answers] == [
+        (n, e) for e in (10.0, 20.0, 30.0) for n in ("what", "door")]
+    assert records[-1]["kind"] == "end" and records[-1]["frames"]["encoded"] == 62 == sum(encoded)
+    assert records[-1]["frames"]["dropped"] == 0  # an iterable is read with back-pressure
+    assert [r["reused_prefix"] for r in answers] == [False, True] * 3  # rules on one window share its KV prefix
+    w = answers[2]["window"]  # (0, 20]: 40 frames, more than the plan's 8: sampled uniformly
+    assert (w["frames"], w["frames_used"]) == (40, rt.plan.frames)
+    for r in answers:
+        assert r["triggered"] == (" the " in f" {r['answer'].lower()} ".replace(",", " ").replace(".", " "))
+    # The same window through the plain API gives the same answer.
+    from sfedge.runtime.video import sample_indices, squash
+    kept = [squash(frame(i), rt.size) for i in range(5, 201, 5)]  # (0 s, 20 s] at 2 fps
+    pick = sample_indices(len(kept), rt.plan.frames)
+    from sfedge.runtime.pipeline import VisualTokens
+    vt = VisualTokens(rt.aggregate(rt.encode_pixels(np.stack(kept)[pick])), [], 0, "x", "x", {})
+    assert rt.ask(vt, "What happens?", max_new_tokens=6).text == answers[2]["answer"]
+
+
+def test_bad_sources_and_settings_are_clear(rt, tmp_path):
+    with pytest.raises(BadInput, match="no such video file"):
+        rt.watch(tmp_path / "missing.mp4", [{"question": "q", "every": 1, "window": 1}])
+    with pytest.raises(BadInput, match="sample rate"):
+        rt.watch([], [{"question": "q", "every": 1, "window": 1}], sample_fps=0)
+    with pytest.raises(BadInput, match="at least one rule"):
+        rt.watch([], [])
+    for spec, what in (("http://127.0.0.1:9/none.mjpg", "cannot open this stream"), (57, "cannot open this camera")):
+        with pytest.raises(BadInput, match=what):
+            list(rt.watch(spec, [{"question": "q", "every": 1, "window": 1}]))
+    with pytest.raises(BadInput, match="item 1: a frame must be uint8 BGR"):
+        list(rt.watch([(0, frame(0)), (1, np.zeros((4, 4)))], [{"question": "q", "every": 1, "window": 1}]))
+
+
+def test_a_live_source_drops_frames_it_cannot_encode_in_time_and_counts_them():
+    from sfedge.runtime.watch import QUEUE_FRAMES, FrameFeed
+
+    feed = FrameFeed(Source("rtsp://camera.invalid/stream"), (32, 32), sample_fps=10, realtime=False,
+                     max_outage=1)
+    for i in range(100):  # 10 s at 10 fps offered while nobody encodes
+        feed._offer(i / 10, frame(i))
+    assert feed.queue.qsize() == QUEUE_FRAMES  # bounded: never queued without limit
+    assert (feed.stats.decoded, feed.stats.sampled, feed.stats.dropped) == (100, 100, 100 - QUEUE_FRAMES)
+
+
+def test_the_plan_accounts_for_the_ring_buffer(rt):
+    base = make_plan(rt.manifest, None, 8, 6)
+    ring = make_plan(rt.manifest, None, 8, 6, ring_frames=1000, queued_frames=16)
+    v = rt.manifest["vision"]
+    assert ring.total - base.total == 1000 * v["tokens_per_frame"] * v["hidden_size"] * 4 + 16 * 32 * 32 * 3
+    with pytest.raises(DoesNotFit):
+        make_plan(rt.manifest, base.total + 1000, 8, 6, ring_frames=100_000)
+
+
+# ---- a real network source ---------------------------------------------------------------------------------------
+
+class MJPEG(http.server.ThreadingHTTPServer):
+    """multipart/x-mixed-replace JPEG frames at `fps`; connection n serves `frames_per_connection[n]` frames
+    (None: until the server stops) and then drops the client, like a camera that reboots."""
+
+    def __init__(self, frames_per_connection, fps=20):
+        self.plan, self.fps, self.connections = list(frames_per_connection), fps, 0
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}/stream.mjpg"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        srv = self.server
+        n = srv.plan[min(srv.connections, len(srv.plan) - 1)]
+        srv.connections += 1
+        self.send_response(200)
+        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.end_headers()
+        i = 0
+        try:
+            while n is None or i < n:
+                jpg = cv2.imencode(".jpg", frame(i))[1].tobytes()
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
+                                 + jpg + b"\r\n")
+                i += 1
+                time.sleep(1 / srv.fps)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_mjpeg_stream_that_drops_and_comes_back(rt):
+    server = MJPEG([50, None])  # 2.5 s of frames, a dropped connection, then frames again
+    watcher = rt.watch(server.url, [{"question": "What happens?", "every": "1s", "window": "2s"}], sample_fps=5)
+    records = []
+    try:
+        for rec in watcher:
+            records.append(rec)
+            if rec["kind"] == "answer" and rec["window"]["end"] >= 5:
+                watcher.stop()
+    finally:
+        server.shutdown()
+    kinds = [r["kind"] for r in records]
+    assert "gap" in kinds and kinds[-1] == "end" and records[-1]["reason"] == "stopped"
+    gap = records[kinds.index("gap")]
+    assert gap["stream_end"] > gap["stream_start"] >= 2.0 and gap["reopen_attempts"] >= 1
+    after = [r for r in records[kinds.index("gap"):] if r["kind"] == "answer" and r["answer"] is not None]
+    assert after and server.connections >= 2 and records[-1]["frames"]["reconnects"] >= 1
+    assert all(isinstance(r["answer"], str) for r in records if r["kind"] == "answer" and r["window"]["frames"])
+
+
+def test_a_stream_that_never_comes_back_ends_with_a_record_then_a_clear_error(rt):
+    server = MJPEG([30, 0])  # then every connection is closed at once: no frames ever again
+    records = []
+    with pytest.raises(SourceLost, match="giving up"):
+        for rec in rt.watch(server.url, [{"question": "q", "every": "1s", "window": "1s"}], sample_fps=5,
+                            max_outage=1.5):
+            records.append(rec)
+    server.shutdown()
+    assert records[-1]["kind"] == "end" and "giving up" in records[-1]["reason"]
+    assert any(r["kind"] == "answer" for r in records)
+
+
+# ---- the command line --------------------------------------------------------------------------------------------
+
+def test_cli_appends_json_lines_and_stops_cleanly_on_sigterm(tiny_bundle, tmp_path):
+    video = write_video(tmp_path / "long.mp4", 120)
+    out = tmp_path / "events.jsonl"
+    out.write_text('{"kind": "earlier run"}\n')
+    cmd = [sys.executable, "-m", "sfedge.runtime.cli", "watch", str(tiny_bundle[0]), "--source", str(video),
+           "-q", "What happens?", "--every", "2s", "--window", "4s", "--max-new-tokens", "4", "--out", str(out),
+           "--realtime", "--sample-fps", "4"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(out.read_text().splitlines()) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    lines = out.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line complete
+    assert records[0] == {"kind": "earlier run"} and records[-1]["kind"] == "end"
+    assert records[-1]["reason"] == "stopped" and records[1]["kind"] == "answer"
+    assert records[-1]["stream_time"] < 60  # stopped long before the file ended
+    assert "SIGTERM" in err and "Traceback" not in err
+
+
+def test_cli_errors_are_one_line(tiny_bundle, tmp_path):
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "sfedge.runtime.cli", "watch", str(tiny_bundle[0]), *args],
+                           capture_output=True, text=True, timeout=60)
+        return r.returncode, r.stderr.strip().splitlines()[-1]
+
+    code, line = run("--source", str(tmp_path / "none.mp4"), "-q", "q")
+    assert code == 2 and "none.mp4: no such video file" in line
+    code, line = run("--source", "0")
+    assert code == 2 and "give at least one --question" in line
+    bad = tmp_path / "rules.yaml"
+    bad.write_text("- question: q\n  every: 5s\n")
+    code, line = run("--source", "0", "--rules", str(bad))
+    assert code == 2 and "rules.yaml: rule 1: 'window' is missing" in line
+    code, line = run("--source", "0", "-q", "q", "--out", str(tmp_path / "no" / "such" / "dir.jsonl"))
+    assert code == 2 and "cannot open for appending" in line
+
+
+# ---- soak --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_soak_ten_minutes_of_video_memory_stays_flat(demo_bundle, tmp_path):
+    """11 minutes of stream time, faster than real time, through the demo bundle (ViT-B/16-sized tower, real
+    SmolLM2): resident memory after warm-up grows less than 5%."""
+    video = write_video(tmp_path / "soak.mp4", 11 * 60, fps=5, size=(160, 120))
+    out = tmp_path / "soak.jsonl"
+    r = subprocess.run([sys.executable, "-m", "sfedge.runtime.cli", "watch", str(demo_bundle), "--source",
+                        str(video), "-q", "What happens?", "-q", "Is anyone there?", "--every", "60s",
+                        "--window", "60s", "--sample-fps", "1", "--max-new-tokens", "8", "--out", str(out)],
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    answers = [x for x in records if x["kind"] == "answer"]
+    assert len(answers) == 2 * 10 and records[-1]["stream_time"] >= 600
+    warm = answers[3]["rss_mb"]
+    peak = max(x["rss_mb"] for x in answers[3:])
+    print(f"soak: rss after warm-up {warm} MB, max after {peak} MB ({(peak - warm) / warm:+.1%}), "
+          f"{records[-1]['frames']}")
+    assert peak <= warm * 1.05
