@@ -239,6 +239,9 @@ class Watcher:
         check_names(rules, "rules")
         if not sample_fps > 0:
             raise BadInput(f"sample rate {sample_fps!r}: must be a positive number of frames per second")
+        if rt.qa is not None:
+            raise BadInput("the watcher asks on uniform SlowFast tokens of each window; load the runtime without "
+                           "frame_selection / pooling for a watch")
         self.rt, self.rules, self.max_new_tokens = rt, rules, max_new_tokens
         self.source = source if isinstance(source, Source) else Source(source)
         longest = max(r.window for r in rules)

@@ -133,6 +133,12 @@ def test_bad_sources_and_settings_are_clear(rt, tmp_path):
     for spec, what in (("http://127.0.0.1:9/none.mjpg", "cannot open this stream"), (57, "cannot open this camera")):
         with pytest.raises(BadInput, match=what):
             list(rt.watch(spec, [{"question": "q", "every": 1, "window": 1}]))
+    rt.qa = object()  # a runtime loaded for question-aware tokens
+    try:
+        with pytest.raises(BadInput, match="uniform SlowFast tokens"):
+            rt.watch([], [{"question": "q", "every": 1, "window": 1}])
+    finally:
+        rt.qa = None
     with pytest.raises(BadInput, match="item 1: a frame must be uint8 BGR"):
         list(rt.watch([(0, frame(0)), (1, np.zeros((4, 4)))], [{"question": "q", "every": 1, "window": 1}]))
 
