@@ -253,7 +253,7 @@ class Watcher:
         self.ring = FeatureRing(capacity, (v["tokens_per_frame"], v["hidden_size"]))
         self.feed = FrameFeed(self.source, rt.size, sample_fps, realtime, max_outage)
         self.encoded, self.encode_s = 0, 0.0
-        self.due = {r.name: r.every for r in rules}
+        self.due = None  # rule -> next due stream time, counted from the first frame's time
         self._stop = threading.Event()
         self._windows = {}  # (end, window) -> VisualTokens: rules due together on one window share its KV prefix
 
@@ -282,6 +282,8 @@ class Watcher:
                             break
                         batch.append(nxt)
                     self._encode(batch)
+                    if self.due is None:
+                        self.due = {r.name: batch[0][1] + r.every for r in self.rules}
                     newest = batch[-1][1]
                     yield from self._answer_due(newest)
                 elif item[0] == "gap":

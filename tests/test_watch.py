@@ -123,6 +123,14 @@ def test_synthetic_frames_each_encoded_once_and_windows_answered_like_ask(rt):
     assert rt.ask(vt, "What happens?", max_new_tokens=6).text == answers[2]["answer"]
 
 
+def test_intervals_count_from_the_first_frame(rt):
+    source = [(1000 + i / 2, frame(i)) for i in range(2 * 25)]  # a stream whose clock starts at 1000 s
+    answers = [r for r in rt.watch(source, [{"question": "q", "every": "10s", "window": "10s"}], sample_fps=2)
+               if r["kind"] == "answer"]
+    assert [r["window"]["end"] for r in answers] == [1010.0, 1020.0]
+    assert all(r["window"]["frames"] == 20 for r in answers)
+
+
 def test_bad_sources_and_settings_are_clear(rt, tmp_path):
     with pytest.raises(BadInput, match="no such video file"):
         rt.watch(tmp_path / "missing.mp4", [{"question": "q", "every": 1, "window": 1}])
