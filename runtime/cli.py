@@ -28,10 +28,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--top-p", type=float, default=1.0)
     a.add_argument("--top-k", type=int, default=0)
     a.add_argument("--seed", type=int)
-    a.add_argument("--memory-budget", help="e.g. 2GB: plan chunk sizes to fit, or refuse with the reason")
-    a.add_argument("--device", default="cpu", choices=["cpu", "cuda", "tensorrt", "auto"])
-    a.add_argument("--vision", choices=["fp32", "fp16", "int8"], help="vision graph variant (default int8)")
-    a.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    runtime_options(a, "e.g. 2GB: plan chunk sizes to fit, or refuse with the reason")
     a.add_argument("--json", action="store_true", help="print one JSON object per question instead of text")
     question_aware_options(a)
     a.add_argument("--pooling-temperature", type=float,
@@ -60,10 +57,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--out", help="append JSON lines to this file (flushed per line) instead of stdout")
     w.add_argument("--max-new-tokens", type=int, default=64)
     w.add_argument("--frames", type=int, help="most frames per window (default: the bundle's, usually 50)")
-    w.add_argument("--memory-budget", help="e.g. 2GB: includes the feature ring buffer")
-    w.add_argument("--device", default="cpu", choices=["cpu", "cuda", "tensorrt", "auto"])
-    w.add_argument("--vision", choices=["fp32", "fp16", "int8"], help="vision graph variant (default int8)")
-    w.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    runtime_options(w, "e.g. 2GB: plan chunk sizes to fit, the feature ring buffer included")
     pl = sub.add_parser("plan", help="print the memory plan for a budget",
                         description="Print what a question costs in memory, and the settings that fit a budget.")
     pl.add_argument("bundle")
@@ -73,6 +67,14 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--vision", choices=["fp32", "fp16", "int8"])
     question_aware_options(pl)
     return p
+
+
+def runtime_options(p, budget_help: str) -> None:
+    """How a Runtime is loaded: the same flags for ask and watch."""
+    p.add_argument("--memory-budget", help=budget_help)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "tensorrt", "auto"])
+    p.add_argument("--vision", choices=["fp32", "fp16", "int8"], help="vision graph variant (default int8)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
 
 
 def question_aware_options(p) -> None:

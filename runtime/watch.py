@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import BadInput, SourceLost
 from .memory import current_rss
+from .pipeline import VisualTokens
 from .planner import make_plan
 from .rules import Rule, check_names
 from .video import sample_indices, squash
@@ -309,7 +310,7 @@ class Watcher:
         self.ring.push(feats, [b[1] for b in batch], [b[3] for b in batch])
 
     def _answer_due(self, newest: float):
-        live = self.source.live or self.feed.drops
+        live = self.feed.drops  # a live source, or a file played in real time
         for rule in self.rules:
             skipped = 0
             while self.due[rule.name] <= newest + 1e-9:
@@ -326,8 +327,6 @@ class Watcher:
         self._windows.clear()
 
     def _answer(self, rule: Rule, due: float, skipped: int) -> dict:
-        from .pipeline import VisualTokens
-
         t0 = time.perf_counter()
         slots = self.ring.window(due - rule.window, due)
         record = {"kind": "answer", "time": None, "rule": rule.name, "question": rule.question,
