@@ -18,21 +18,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-
 from sfedge.runtime.embeddings import quantize_rows
 from sfedge.runtime.errors import BadCheckpoint
 
+from . import affine
+
 QUANT_SCHEMES = {
-    # Measured on SmolLM2-135M (perplexity relative to fp32 PyTorch; llama.cpp Q4_0 is 1.20x, Q4_K_M 1.06x):
-    # (2,048 tokens of the GPL-3 text.) RTN, symmetric, every MatMul at 4 bits, lm_head included: 1.28x.
+    # Builder options per scheme. Measured on SmolLM2-135M (perplexity relative to fp32 PyTorch on 2,048 tokens of
+    # the GPL-3 text; llama.cpp Q4_0 is 1.20x, Q4_K_M 1.06x): RTN, symmetric, every MatMul at 4 bits: 1.28x.
     "rtn": {},
     # The default. RTN with lm_head and the layers llama.cpp finds sensitive (first/last eighth, every third
     # layer's qkv/v/down projections) at 8 bits, as llama.cpp's Q4_0 keeps its output layer at 6 bits: 1.13x.
     # (lm_head alone at 8 bits: 1.20x.)
     "rtn-mixed": {"matmul_mixed_precision": "last_matmul:int8,mixed_layers:int8"},
-    # k-quant scale search, blocks of 16, lm_head and llama.cpp's sensitive layers at 8 bits: 1.07x.
-    "accurate": {"algo_config": "k_quant", "block_size": 16,
-                 "matmul_mixed_precision": "last_matmul:int8,mixed_layers:int8"},
+    # Affine blocks searched against calibration activations, lm_head at 8 bits (affine.py): the builder only
+    # writes the fp32 graph. (Its own k-quant scheme with blocks of 16 and 8-bit layers reached 1.07x.)
+    "accurate": {},
 }
 
 
@@ -69,27 +70,57 @@ def kv_scales(lm, tokenizer, path: Path, visual_tokens: np.ndarray | None = None
 
 
 def build_decoder(lm, tokenizer, work: Path, precision: str, block_size: int, scheme: str, log,
-                  kv_scale_file: Path | None = None) -> Path:
-    """Run the model builder on a saved copy of the language model. Returns the folder with model.onnx."""
+                  kv_scale_file: Path | None = None, samples: list[np.ndarray] | None = None) -> tuple[Path, dict]:
+    """Run the model builder on a saved copy of the language model (and, for the accurate scheme, quantize its
+    fp32 graph). Returns the folder with model.onnx and the manifest's quantization record."""
     hf_dir, onnx_dir = work / "lm-hf", work / "lm-onnx"
     lm.save_pretrained(hf_dir)
     tokenizer.save_pretrained(hf_dir)
     extra = ["exclude_embeds=true", "prune_lm_head=true", "hf_token=false", "hf_remote=false"]
     if kv_scale_file:
         extra += ["kv_cache_quant_scheme=int8_per_tensor", f"kv_cache_scale_file={kv_scale_file}"]
-    if precision == "int4":
+    affine_int4 = precision == "int4" and scheme == "accurate"
+    built = "fp32" if affine_int4 else precision
+    if built == "int4":
         options = {"block_size": block_size, "is_symmetric": "true", **QUANT_SCHEMES[scheme]}
         extra += [f"{k}={v}" for k, v in options.items()]
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(onnx_dir),
-           "-p", precision, "-e", "cpu", "-c", str(work / "builder-cache"), "--extra_options", *extra]
-    log(f"building the {precision} decoder ({scheme if precision == 'int4' else 'no quantization'})")
+           "-p", built, "-e", "cpu", "-c", str(work / "builder-cache"), "--extra_options", *extra]
+    log(f"building the {built} decoder ({scheme if built == 'int4' else 'no quantization'})")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if run.returncode != 0 or not (onnx_dir / "model.onnx").exists():
         tail = "\n".join((run.stdout + run.stderr).strip().splitlines()[-15:])
         raise BadCheckpoint(f"the ONNX model builder failed on the language model ({type(lm).__name__}):\n{tail}")
     shutil.rmtree(hf_dir)
-    return onnx_dir
+    if precision != "int4":
+        return onnx_dir, None
+    record = {"method": "MatMulNBits", "bits": 4, "block_size": block_size, "scheme": scheme}
+    if not affine_int4:
+        return onnx_dir, {**record, "symmetric": True, **QUANT_SCHEMES[scheme]}
+    cfg = lm.config
+    spec = {"num_kv_heads": cfg.num_key_value_heads,
+            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads}
+    log(f"importance of every MatMul input on {sum(len(s) for s in samples)} calibration tokens")
+    imp = affine.importance(onnx_dir / "model.onnx", samples, spec)
+    log("quantizing to affine 4-bit blocks (lm_head 8-bit)")
+    out_dir = work / "lm-affine"
+    out_dir.mkdir()
+    counts = affine.quantize_graph(onnx_dir / "model.onnx", out_dir / "model.onnx", imp, block_size)
+    shutil.rmtree(onnx_dir)
+    return out_dir, {**record, "symmetric": False, "offsets": "float per block (a correction MatMul)",
+                     "lm_head_bits": 8, "matmuls": counts,
+                     "calibration": {"samples": len(samples), "tokens": int(sum(len(s) for s in samples))}}
+
+
+def calibration_samples(lm, tokenizer, visual_tokens: np.ndarray | None) -> list[np.ndarray]:
+    """Embeddings of the chat prompts and, when given, of real visual tokens: text-only calibration is what broke
+    other toolkits' int4 LLaVA. (The English prose is kept out: it is the perplexity test.)"""
+    from sfedge import calibration
+
+    table = lm.get_input_embeddings().weight.detach().numpy()
+    samples = [table[tokenizer(p, add_special_tokens=False)["input_ids"]] for p in calibration.prompts()]
+    return samples + ([visual_tokens.astype(np.float32)] if visual_tokens is not None else [])
 
 
 def write_llm(lm, tokenizer, bundle: Path, work: Path, *, precision="int4", block_size=32, scheme="rtn-mixed",
@@ -99,7 +130,9 @@ def write_llm(lm, tokenizer, bundle: Path, work: Path, *, precision="int4", bloc
     if kv_cache == "int8":
         log("calibrating int8 KV-cache scales")
         scales = kv_scales(lm, tokenizer, work / "kv-scales.json", visual_tokens)
-    onnx_dir = build_decoder(lm, tokenizer, work, precision, block_size, scheme, log, scales)
+    samples = calibration_samples(lm, tokenizer, visual_tokens) if scheme == "accurate" else None
+    onnx_dir, quantization = build_decoder(lm, tokenizer, work, precision, block_size, scheme, log, scales,
+                                           samples)
     dst = bundle / "llm"
     dst.mkdir()
     graph_files = ["model.onnx"] + [p.name for p in onnx_dir.glob("model.onnx.data")]
@@ -121,8 +154,7 @@ def write_llm(lm, tokenizer, bundle: Path, work: Path, *, precision="int4", bloc
         "external_data": [f"llm/{n}" for n in graph_files[1:]],
         "architecture": type(lm).__name__,
         "precision": precision,
-        "quantization": ({"method": "MatMulNBits", "bits": 4, "block_size": block_size, "symmetric": True,
-                          "scheme": scheme, **QUANT_SCHEMES[scheme]} if precision == "int4" else None),
+        "quantization": quantization,
         "num_layers": cfg.num_hidden_layers,
         "num_kv_heads": cfg.num_key_value_heads,
         "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,

@@ -93,15 +93,20 @@ def test_int4_default_fidelity_in_the_demo_manifest(demo_bundle):
 
 
 @pytest.mark.slow
-def test_int4_accurate_scheme_is_close_to_q4_k_m(smol, tmp_path):
-    """Measured 1.071x fp32 perplexity; llama.cpp Q4_K_M is 1.057x. The gap is reported, the bound guards it."""
+def test_int4_accurate_scheme_meets_the_fidelity_targets(smol, tmp_path):
+    """Affine blocks searched on calibration activations (measured: perplexity 1.001x fp32, teacher-forced min
+    cosine 0.9997, top-5 4.93; llama.cpp Q4_K_M is 1.057x). The manifest records what was done and on what."""
     from sfedge.export.llm_fidelity import measure
 
     lm, tok = smol
     m = llm_bundle(tmp_path, lm, tok, precision="int4", scheme="accurate")
+    q = m["llm"]["quantization"]
+    assert q["symmetric"] is False and q["lm_head_bits"] == 8 and q["matmuls"] == {"4-bit": 150, "8-bit": 1}
+    assert q["calibration"]["tokens"] > 0
     fig = measure(lm, tok, tmp_path, m["llm"], m["prompt"], text_tokens=2048, log=lambda x: None)
-    assert fig["perplexity"]["exported"] / fig["perplexity"]["reference"] <= Q4_K_M_RATIO + 0.02
-    assert fig["teacher_forced"]["mean_top5_overlap"] >= 3.5
+    assert fig["perplexity"]["exported"] / fig["perplexity"]["reference"] <= Q4_K_M_RATIO
+    assert fig["teacher_forced"]["min_cosine"] >= 0.99  # at every position of every prompt
+    assert fig["teacher_forced"]["mean_top5_overlap"] >= 4
 
 
 def test_text_stream_never_splits_a_character(smol):

@@ -1,0 +1,95 @@
+"""The accurate 4-bit scheme's quantizer (export/affine.py): block search, packing and the offset correction, and
+the scheme on tiny checkpoints of two language-model families. Real-weight fidelity is in test_llm_engine.py."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import export_tiny
+from sfedge.export import affine
+
+rng = np.random.default_rng(0)
+
+
+def q4_1(n, k, block=32):
+    """Weights as llama.cpp's Q4_1 stores them: w = d * q + m per block, every block using codes 0 and 15."""
+    blocks = -(-k // block)
+    q = rng.integers(0, 16, (n, blocks, block)).astype(np.float32)
+    q[..., 0], q[..., 1] = 0, 15
+    d = rng.uniform(0.001, 0.02, (n, blocks, 1)).astype(np.float32)
+    m = rng.uniform(-0.2, 0.0, (n, blocks, 1)).astype(np.float32)
+    return (d * q + m).reshape(n, -1)[:, :k]
+
+
+def dequant(q, d, c):
+    return (d[..., None] * (q.astype(np.float32) - 8) + c[..., None]).reshape(len(q), -1)
+
+
+@pytest.mark.parametrize("k", [64, 40])  # 40: a ragged last block
+def test_q4_1_weights_are_reproduced_exactly(k):
+    w = q4_1(24, k)
+    q, d, c = affine.affine_blocks(w, rng.uniform(0.1, 2, k), 32)
+    assert q.max() <= 15 and q.shape == (24, 2, 32)
+    assert np.abs(dequant(q, d, c)[:, :k] - w).max() <= 1e-6
+
+
+def test_the_search_spends_precision_where_calibration_inputs_are_large():
+    """One outlier weight in a block whose input is silent: clipping it lowers the weighted error."""
+    w = rng.normal(0, 0.01, (64, 32)).astype(np.float32)
+    w[:, 0] = 0.5
+    imp = np.ones(32, np.float32)
+    imp[0] = 1e-6
+    q, d, c = affine.affine_blocks(w, imp, 32)
+    plain_d = (w.max(1) - w.min(1)) / 15
+    plain = w.min(1, keepdims=True) + plain_d[:, None] * np.rint((w - w.min(1, keepdims=True)) / plain_d[:, None])
+
+    def err(x):
+        return (imp * (w - x) ** 2).sum()
+
+    assert err(dequant(q, d, c)) < 0.5 * err(plain)
+
+
+def test_8_bit_blocks_reproduce_q8_0():
+    d = rng.uniform(0.001, 0.01, (16, 2, 1)).astype(np.float32)
+    codes = rng.integers(-127, 128, (16, 2, 32))
+    codes[..., 0] = 127
+    w = (d * codes).reshape(16, 64)
+    q, scale = affine.symmetric8_blocks(w, 32)
+    assert np.abs(scale[..., None] * (q.astype(np.float32) - 128) - w.reshape(16, 2, 32)).max() <= 1e-7
+
+
+def test_rewritten_graph_computes_the_same_products(tmp_path):
+    """Two MatMuls sharing an input (as gate and up do) and an lm_head, rewritten and run by ONNX Runtime."""
+    k, n, vocab = 64, 48, 80
+    ws = {"gate": q4_1(n, k), "up": q4_1(n, k)}
+    d8 = rng.uniform(0.001, 0.01, (vocab, 2, 1)).astype(np.float32)
+    ws["lm_head"] = (d8 * rng.integers(-127, 128, (vocab, 2, 32))).reshape(vocab, k)
+    prefix = {"gate": "/model/layers.0/mlp/gate_proj", "up": "/model/layers.0/mlp/up_proj", "lm_head": "/lm_head"}
+    nodes = [helper.make_node("MatMul", ["x", f"{name}.weight"], [name], f"{prefix[name]}/MatMul") for name in ws]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ws],
+        [numpy_helper.from_array(w.T.copy(), f"{name}.weight") for name, w in ws.items()])
+    import onnx
+
+    src = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), src)
+    counts = affine.quantize_graph(src, tmp_path / "q.onnx", None, 32)
+    assert counts == {"4-bit": 2, "8-bit": 1}
+    x = rng.normal(0, 1, (1, 5, k)).astype(np.float32)
+    got = dict(zip(ws, ort.InferenceSession(str(tmp_path / "q.onnx")).run(list(ws), {"x": x})))
+    for name in ("gate", "up"):  # fp32 activations: exact up to summation order
+        want = x @ ws[name].T
+        assert np.abs(got[name] - want).max() <= 1e-5 * np.abs(want).max()
+    want = (x @ ws["lm_head"].T).ravel()  # int8 activations on the 8-bit lm_head
+    assert want @ got["lm_head"].ravel() / np.linalg.norm(want) / np.linalg.norm(got["lm_head"]) >= 0.999
+
+
+@pytest.mark.parametrize("text", ["llama", "qwen2"])
+def test_tiny_checkpoints_export_with_the_accurate_scheme(make_checkpoint, tmp_path, text):
+    m = export_tiny(make_checkpoint(text=text), tmp_path / "b", llm_precision="int4", llm_quant="accurate",
+                    allow_low_fidelity=True)
+    q = m["llm"]["quantization"]
+    assert q["scheme"] == "accurate" and not q["symmetric"] and q["calibration"]["tokens"] > 0
+    assert q["matmuls"] == {"4-bit": 2 * 5, "8-bit": 1}  # qkv, o, gate, up, down per layer; lm_head
+    assert m["fidelity"]["llm"]["teacher_forced"]["mean_cosine"] >= 0.95
