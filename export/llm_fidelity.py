@@ -44,9 +44,10 @@ def measure(lm, tokenizer, bundle, llm_spec: dict, prompt: dict, *, text_tokens=
     table = lm.get_input_embeddings().weight.detach()
     embed = Embeddings(bundle, llm_spec["embeddings"])
     max_len = max(text_tokens, 4096 if visual_tokens is None else len(visual_tokens) + 512)
+    twin = llm_spec.get("prefill_graph")  # measured as the runtime runs it: prompts through the fp32-KV twin
     decoder = Decoder(str(bundle / llm_spec["graph"]), {**llm_spec, "max_context": max(max_len,
                                                                                             llm_spec["max_context"])},
-                      max_len)
+                      max_len, prefill_graph=twin and str(bundle / twin))
     out = {}
 
     log(f"perplexity on {text_tokens} tokens of English prose")

@@ -18,9 +18,10 @@ from .generate import Sampling, TextStream, pick
 
 class LanguageModel:
     def __init__(self, root: Path, manifest: dict, max_len: int, providers=None, threads=None,
-                 decoder_factory=None):
+                 decoder_factory=None, prefill_twin: bool = True):
         """`decoder_factory(root, spec, max_len, manifest)` swaps the ONNX decoder for another with the same
-        interface (the PyTorch hosts' nf4 backend: sfedge.export.nf4.NF4Decoder)."""
+        interface (the PyTorch hosts' nf4 backend: sfedge.export.nf4.NF4Decoder). `prefill_twin`: use an int8-KV
+        bundle's fp32 prefill graph (the planner drops it when the memory budget has no room)."""
         self.spec = manifest["llm"]
         self.prompt_spec = manifest["prompt"]
         try:
@@ -28,8 +29,10 @@ class LanguageModel:
         except Exception as e:  # tokenizers raises a bare Exception
             raise BadBundle(f"{root / manifest['tokenizer']}: cannot read the tokenizer ({e})") from None
         self.embed = Embeddings(root, self.spec["embeddings"])
+        twin = self.spec.get("prefill_graph") if prefill_twin else None
         self.decoder = (decoder_factory(root, self.spec, max_len, manifest) if decoder_factory
-                        else Decoder(str(root / self.spec["graph"]), self.spec, max_len, providers, threads))
+                        else Decoder(str(root / self.spec["graph"]), self.spec, max_len, providers, threads,
+                                     twin and str(root / twin)))
         self.eos = set(self.prompt_spec["eos_token_ids"])
 
     @property

@@ -182,6 +182,8 @@ def referenced_paths(manifest: dict) -> list[str]:
              "llm_nf4.files": nf4.get("files", []) if isinstance(nf4, dict) else None,
              "engines": [e["file"] for e in manifest.get("engines", [])]}
     paths = [manifest["aggregator"]["graph"], llm["graph"], manifest["tokenizer"]]
+    if "prefill_graph" in llm:
+        paths.append(llm["prefill_graph"])
     if "clip" in manifest:
         paths += [manifest["clip"]["text_graph"], manifest["clip"]["tokenizer"]]
     if "prompt_pooling" in manifest:

@@ -108,7 +108,9 @@ class Runtime:
                                       threads, max(plan.frames, plan.candidates))
         # The 4-bit decoder's MatMulNBits and GroupQueryAttention have CUDA kernels; TensorRT has neither.
         llm_device = "cuda" if self.device == "tensorrt" else self.device
-        self.llm = LanguageModel(root, manifest, plan.context, prov("llm", llm_device), threads, decoder_factory)
+        # The int8-KV twin swaps caches through host memory: CPU only.
+        self.llm = LanguageModel(root, manifest, plan.context, prov("llm", llm_device), threads, decoder_factory,
+                                 plan.prefill_twin and llm_device == "cpu")
         # The CLIP text tower and the prompt-guided pooling are small and shape-varied: ONNX Runtime, no engines.
         self.qa = (QuestionAware(root, manifest, plan, prov("clip", llm_device), threads, frame_selection, pooling,
                                  pooling_temperature, scorer)

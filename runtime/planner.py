@@ -27,6 +27,7 @@ class Plan:
     prefill_chunk: int
     vision_variant: str
     kv_precision: str = "float32"  # the bundle's KV dtype: float32, or int8 if exported with --kv-cache int8
+    prefill_twin: bool = False  # int8 KV: prompts go through the fp32-KV twin graph (a second weights copy)
     pooling: str = "slowfast"  # or "prompt-guided" (PPLLaVA)
     candidates: int = 0  # frames scored per question by CLIP frame selection; 0 = uniform sampling
     parts: dict = field(default_factory=dict)  # name -> bytes
@@ -46,7 +47,7 @@ class Plan:
         selection = f"CLIP selection among {self.candidates} candidates" if self.candidates else "uniform"
         return (f"frames {self.frames} ({selection}), {self.pooling} pooling, visual tokens {self.visual_tokens}, "
                 f"context {self.context} tokens "
-                f"(KV {self.kv_precision}), max new tokens {self.max_new_tokens}\n"
+                f"(KV {self.kv_precision}{', fp32 prefill twin' if self.prefill_twin else ''}), max new tokens {self.max_new_tokens}\n"
                 f"vision graph {self.vision_variant}, encode chunk {self.encode_chunk} frames, "
                 f"prefill chunk {self.prefill_chunk} tokens\n{body}")
 
@@ -110,33 +111,38 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
                          f"use at most {fit} frames or fewer new tokens")
     d = v["hidden_size"]
     vision_weights = int(_size(manifest, v["graphs"][variant]) * SESSION_FACTOR)
-    llm_weights = int(_size(manifest, llm["graph"], *llm.get("external_data", [])) * SESSION_FACTOR)
-    fixed = {
-        "runtime": RUNTIME_BASE,
-        f"vision weights ({variant})": vision_weights,
-        "aggregator": _size(manifest, agg["graph"]),
-        f"llm weights ({llm['precision']})": llm_weights,
-        "embedding table": _size(manifest, *llm["embeddings"]["files"].values()),
-        "tokenizer": 4 * _size(manifest, manifest["tokenizer"]),
-        "kv cache": context * kv_bytes_per_token(llm),
-        "video frames + tokens": frames * (v["image_size"][0] * v["image_size"][1] * 3 + v["tokens_per_frame"] * d * 4)
-                                 + visual * d * 4 * 2,
-    }
-    if "clip" in manifest:
-        fixed.update(question_aware_parts(manifest, frames, pooling, candidates))
-    if ring_frames:
-        fixed[f"watch: feature ring ({ring_frames} frames) + queue"] = ring_bytes(v, ring_frames, queued_frames)
-    for enc in [c for c in ENCODE_CHUNKS if c <= max(frames, 1)] or [1]:
-        for pre in PREFILL_CHUNKS:
-            parts = {**fixed, f"encoder activations ({enc} frames)": enc * encoder_bytes_per_frame(v),
-                     f"prefill activations ({pre} tokens)": prefill_bytes(llm, pre, context)}
-            sessions = {"vision": vision_weights + enc * encoder_bytes_per_frame(v),
-                        "aggregator": fixed["aggregator"] + fixed["video frames + tokens"],
-                        "llm": llm_weights + fixed["kv cache"] + prefill_bytes(llm, pre, context)}
-            plan = Plan(frames, visual, context, max_new_tokens, enc, pre, variant, llm.get("kv_dtype", "float32"),
-                        pooling, candidates, parts=parts, budget=budget, sessions=sessions)
-            if budget is None or plan.total <= budget:
-                return plan
+    # An int8-KV bundle's fp32 twin prefills faster but is a second session on the same weights with its own
+    # fp32 cache: planned first, dropped when the budget has no room for it.
+    for twin in (True, False) if llm.get("prefill_graph") else (False,):
+        llm_weights = int(_size(manifest, llm["graph"], *llm.get("external_data", [])) * SESSION_FACTOR
+                          * (2 if twin else 1))
+        fixed = {
+            "runtime": RUNTIME_BASE,
+            f"vision weights ({variant})": vision_weights,
+            "aggregator": _size(manifest, agg["graph"]),
+            f"llm weights ({llm['precision']}{', with its prefill twin' if twin else ''})": llm_weights,
+            "embedding table": _size(manifest, *llm["embeddings"]["files"].values()),
+            "tokenizer": 4 * _size(manifest, manifest["tokenizer"]),
+            "kv cache": context * kv_bytes_per_token(llm, resident=twin),
+            "video frames + tokens": frames * (v["image_size"][0] * v["image_size"][1] * 3
+                                               + v["tokens_per_frame"] * d * 4) + visual * d * 4 * 2,
+        }
+        if "clip" in manifest:
+            fixed.update(question_aware_parts(manifest, frames, pooling, candidates))
+        if ring_frames:
+            fixed[f"watch: feature ring ({ring_frames} frames) + queue"] = ring_bytes(v, ring_frames, queued_frames)
+        for enc in [c for c in ENCODE_CHUNKS if c <= max(frames, 1)] or [1]:
+            for pre in PREFILL_CHUNKS:
+                parts = {**fixed, f"encoder activations ({enc} frames)": enc * encoder_bytes_per_frame(v),
+                         f"prefill activations ({pre} tokens)": prefill_bytes(llm, pre, context)}
+                sessions = {"vision": vision_weights + enc * encoder_bytes_per_frame(v),
+                            "aggregator": fixed["aggregator"] + fixed["video frames + tokens"],
+                            "llm": llm_weights + fixed["kv cache"] + prefill_bytes(llm, pre, context)}
+                plan = Plan(frames, visual, context, max_new_tokens, enc, pre, variant,
+                            llm.get("kv_dtype", "float32"), twin, pooling, candidates, parts=parts, budget=budget,
+                            sessions=sessions)
+                if budget is None or plan.total <= budget:
+                    return plan
     over = plan.total - budget
     biggest = max(fixed, key=fixed.get)
     advice = []

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sfedge import calibration
-from sfedge.runtime.errors import BadInput
+from sfedge.runtime.errors import BadInput, DoesNotFit
 from sfedge.runtime.generate import Sampling, TextStream, pick
 from sfedge.runtime.llm import LanguageModel
 
@@ -180,8 +180,51 @@ def test_int8_kv_cache_is_calibrated_planned_and_runs(make_checkpoint, tmp_path)
     assert llm["kv_dtype"] == "int8" and len(llm["kv_scales"]["k_scales"]) == llm["num_layers"]
     assert all(s > 0 for s in llm["kv_scales"]["k_scales"] + llm["kv_scales"]["v_scales"])
     plan = make_plan(m)
-    assert plan.kv_precision == "int8" and plan.parts["kv cache"] == plan.context * 2 * 2 * 2 * 16
+    assert plan.kv_precision == "int8" and plan.prefill_twin
+    assert plan.parts["kv cache"] == plan.context * 2 * 2 * 2 * 16 * (1 + 4)  # int8 cache + the twin's fp32 one
     rt = Runtime.load(tmp_path / "b", max_new_tokens=4)
-    assert rt.llm.decoder._kv[0][0].data_type() == "tensor(int8)"
+    assert rt.plan.prefill_twin and rt.llm.decoder.main.dtype == np.int8 and rt.llm.decoder.twin.dtype == np.float32
     video = rt.encode("demo")
     assert rt.ask(video, "What?").text == rt.ask(video, "What?").text
+    def twin_fits(budget):
+        try:
+            return make_plan(m, budget=budget).prefill_twin
+        except DoesNotFit:
+            return False
+
+    lo, hi = 0, plan.total  # the least budget that still plans the twin
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if twin_fits(mid) else (mid, hi)
+    assert not make_plan(m, budget=lo).prefill_twin  # a byte less: int8 only, still planned
+
+
+def test_prefill_twin_keeps_both_caches_in_step(make_checkpoint, tmp_path, monkeypatch):
+    """Prompts through the fp32 twin, decode steps on the int8 cache, each brought up to date from the other."""
+    from conftest import export_tiny
+    from sfedge.runtime import decoder as dec
+
+    m = export_tiny(make_checkpoint(), tmp_path / "b", llm_precision="int4", kv_cache="int8",
+                    allow_low_fidelity=True)
+    spec, root = m["llm"], tmp_path / "b"
+    monkeypatch.setattr(dec, "TWIN_DECODE_BELOW", 0)  # int8 decoding from the first step (tiny contexts)
+    hybrid = dec.Decoder(str(root / spec["graph"]), spec, 64, prefill_graph=str(root / spec["prefill_graph"]))
+    plain = dec.Decoder(str(root / spec["graph"]), spec, 64)
+    x = np.random.default_rng(0).normal(0, 1, (12, spec["hidden_size"])).astype(np.float32)
+    hybrid.forward(x[:8])
+    plain.forward(x[:8])
+    k_scale = np.float32(spec["kv_scales"]["k_scales"][0])
+    # Layer 0's keys come before any attention: the twin's, quantized as we do, equal the int8 graph's own.
+    fp32_keys = hybrid.twin.arrays[0][0][:, :, :8]
+    assert np.array_equal(np.clip(np.rint(fp32_keys / k_scale), -128, 127), plain.main.arrays[0][0][:, :, :8])
+    assert hybrid.main.valid == 0 and hybrid.twin.valid == 8
+    steps = [(hybrid.forward(x[i:i + 1]), plain.forward(x[i:i + 1])) for i in range(8, 10)]  # on int8
+    assert hybrid.main.valid == 10 and hybrid.twin.valid == 8
+    assert np.array_equal(hybrid.main.arrays[0][0][:, :, :8], plain.main.arrays[0][0][:, :, :8])
+    for a, b in steps:
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) >= 0.99
+    hybrid.rewind(9)
+    assert hybrid.main.valid == 9 and hybrid.twin.valid == 8
+    hybrid.forward(x[9:12])  # a prompt: the twin takes position 8 from the int8 cache first
+    assert hybrid.twin.valid == 12 and hybrid.length == 12
+    assert np.array_equal(hybrid.twin.arrays[0][0][:, :, 8], hybrid.main.arrays[0][0][:, :, 8] * k_scale)
