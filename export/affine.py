@@ -84,13 +84,15 @@ def affine_blocks(w: np.ndarray, imp: np.ndarray | None, block: int):
             best_lo, best_d = np.where(better, lo, best_lo), np.where(better, d, best_d)
             best_q, best_err = np.where(better, q, best_q), np.minimum(err, best_err)
     # Weighted least squares for (lo, d) given the codes.
-    sw, sq, sqq = ib.sum(-1, keepdims=True), (ib * best_q).sum(-1, keepdims=True), (ib * best_q ** 2).sum(-1, keepdims=True)
-    sx, sqx = (ib * wb).sum(-1, keepdims=True), (ib * best_q * wb).sum(-1, keepdims=True)
+    def wsum(x):
+        return (ib * x).sum(-1, keepdims=True)
+
+    sw, sq, sqq, sx, sqx = wsum(1), wsum(best_q), wsum(best_q ** 2), wsum(wb), wsum(best_q * wb)
     det = sw * sqq - sq * sq
     ok = det > 1e-12 * sw * sqq
     safe = np.where(ok, det, 1)
     d2, lo2 = (sw * sqx - sq * sx) / safe, (sqq * sx - sq * sqx) / safe
-    err2 = (ib * (wb - lo2 - d2 * best_q) ** 2).sum(-1, keepdims=True)
+    err2 = wsum((wb - lo2 - d2 * best_q) ** 2)
     take = ok & (d2 > 0) & (err2 < best_err)
     lo, d = np.where(take, lo2, best_lo), np.where(take, d2, best_d)
     return best_q.astype(np.uint8), d[..., 0], (lo + 8 * d)[..., 0]

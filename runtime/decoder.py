@@ -31,6 +31,8 @@ class Decoder:
         self.twin = _Bound(prefill_graph, spec, max_len, providers, threads) if prefill_graph else None
         if self.twin and not (self.main.dtype == np.int8 and self.twin.dtype == np.float32):
             raise GraphFailed(f"{prefill_graph}: a prefill twin needs an int8-KV decoder and an fp32-KV twin")
+        if self.twin and self.main.arrays is None:
+            raise GraphFailed(f"{prefill_graph}: the prefill twin swaps caches through host memory (CPU only)")
 
     @property
     def kv_bytes_per_token(self) -> int:

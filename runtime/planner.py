@@ -46,8 +46,8 @@ class Plan:
         body = "\n".join(f"  {a:<{w}}  {b:>12}" for a, b in rows)
         selection = f"CLIP selection among {self.candidates} candidates" if self.candidates else "uniform"
         return (f"frames {self.frames} ({selection}), {self.pooling} pooling, visual tokens {self.visual_tokens}, "
-                f"context {self.context} tokens "
-                f"(KV {self.kv_precision}{', fp32 prefill twin' if self.prefill_twin else ''}), max new tokens {self.max_new_tokens}\n"
+                f"context {self.context} tokens (KV {self.kv_precision}"
+                f"{', fp32 prefill twin' if self.prefill_twin else ''}), max new tokens {self.max_new_tokens}\n"
                 f"vision graph {self.vision_variant}, encode chunk {self.encode_chunk} frames, "
                 f"prefill chunk {self.prefill_chunk} tokens\n{body}")
 

@@ -1,11 +1,11 @@
 """The accurate 4-bit scheme's quantizer (export/affine.py): block search, packing and the offset correction, and
 the scheme on tiny checkpoints of two language-model families. Real-weight fidelity is in test_llm_engine.py."""
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from conftest import export_tiny
+from onnx import TensorProto, helper, numpy_helper
 from sfedge.export import affine
 
 rng = np.random.default_rng(0)
@@ -70,8 +70,6 @@ def test_rewritten_graph_computes_the_same_products(tmp_path):
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ws],
         [numpy_helper.from_array(w.T.copy(), f"{name}.weight") for name, w in ws.items()])
-    import onnx
-
     src = tmp_path / "fp32.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), src)
     counts = affine.quantize_graph(src, tmp_path / "q.onnx", None, 32)
