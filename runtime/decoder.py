@@ -33,6 +33,8 @@ class Decoder:
             raise GraphFailed(f"{prefill_graph}: a prefill twin needs an int8-KV decoder and an fp32-KV twin")
         if self.twin and self.main.arrays is None:
             raise GraphFailed(f"{prefill_graph}: the prefill twin swaps caches through host memory (CPU only)")
+        if self.twin:  # a session's first run is slow (allocations, threads): pay the int8 one's now, not mid-answer
+            self.main.run(np.zeros((1, 1, spec["hidden_size"]), np.float32), 0)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -65,6 +67,8 @@ class Decoder:
                 raise GraphFailed(f"{use.path}: ONNX Runtime failed at position {self.length}: {e}") from e
             self.length += part.shape[1]
             use.valid = self.length
+        if use is self.twin and self.length >= TWIN_DECODE_BELOW:  # the next step decodes on int8: part of the prompt
+            self._sync(self.main, self.twin)
         # .numpy() is a view of a buffer the next run overwrites.
         return use.logits.numpy()[0, -1].copy()
 
