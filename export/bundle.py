@@ -47,20 +47,12 @@ class Options:
     force: bool = False
     fidelity_text_tokens: int = 2048
     nf4: bool = False
-    kv_cache: str | None = None  # None: int8 for the fast int4 schemes, float32 for fp32 and `accurate` (kv_dtype)
+    kv_cache: str = "float32"
     note: str | None = None
     clip: str | None = None  # CLIP / SigLIP checkpoint folder: question-aware selection and pooling
     allow_mismatched_clip: bool = False
     pooling_kernel: tuple = (2, 3, 3)  # prompt-guided pooling window over T, H, W
     pooling_temperature: float = 0.01
-
-    @property
-    def kv_dtype(self) -> str:
-        """The KV cache follows the weights: the int4 RTN schemes are for speed, and an int8 cache (with its fp32
-        prefill twin) decodes 1.3x faster at video context; fp32 and `accurate` weights are for fidelity."""
-        if self.kv_cache:
-            return self.kv_cache
-        return "int8" if self.llm_precision == "int4" and self.llm_quant != "accurate" else "float32"
 
     def check(self):
         if self.slow_pool not in POOLS:
@@ -74,7 +66,7 @@ class Options:
             raise BadInput(f"--llm-precision int4|fp32 and --llm-quant {'|'.join(llm.QUANT_SCHEMES)}")
         if self.block_size not in (32, 64, 128):
             raise BadInput("--block-size must be 32, 64 or 128")
-        if self.kv_cache not in (None, "float32", "int8"):
+        if self.kv_cache not in ("float32", "int8"):
             raise BadInput("--kv-cache must be float32 or int8")
         if self.embeddings not in ("float16", "float32", "int8"):
             raise BadInput("--embeddings must be float16, float32 or int8")
@@ -213,7 +205,7 @@ def _build(ckpt, bundle: Path, work: Path, opts: Options, log, side=None) -> dic
     lm = llm.language_model(ckpt.model)
     llm_spec = llm.write_llm(lm, ckpt.tokenizer, bundle, work, precision=opts.llm_precision,
                              block_size=opts.block_size, scheme=opts.llm_quant, embed_dtype=opts.embeddings,
-                             kv_cache=opts.kv_dtype, visual_tokens=visual, log=log)
+                             kv_cache=opts.kv_cache, visual_tokens=visual, log=log)
     prompt = prompt_spec(ckpt.tokenizer, vision["image_token"], eos_ids(ckpt.model, ckpt.tokenizer))
     tok_dir = work / "tokenizer"
     ckpt.tokenizer.save_pretrained(tok_dir)

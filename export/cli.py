@@ -61,10 +61,11 @@ def parser() -> argparse.ArgumentParser:
                    help="4-bit block size (default 32)")
     g.add_argument("--embeddings", default="float16", choices=["float16", "float32", "int8"],
                    help="token embedding table dtype (default float16; int8 has one scale per row)")
-    g.add_argument("--kv-cache", choices=["float32", "int8"],
-                   help="KV-cache precision (default: int8 for the rtn schemes, float32 for fp32 and accurate). int8 "
-                        "(per-layer scales calibrated at export) reads a quarter of the KV bytes per generated token; "
-                        "prompts prefill through an fp32-cache twin of the decoder, written alongside")
+    g.add_argument("--kv-cache", default="float32", choices=["float32", "int8"],
+                   help="KV-cache precision (default float32). int8 (per-layer scales calibrated at export) reads a "
+                        "quarter of the KV bytes per generated token, 1.3x faster decoding at video context on CPU; "
+                        "prompts prefill through an fp32-cache twin of the decoder written alongside, which costs a "
+                        "second copy of the weights in memory")
     g.add_argument("--nf4", action="store_true",
                    help="also save a bitsandbytes nf4 copy of the language model (for hosts that run PyTorch)")
     g = p.add_argument_group("question-aware tokens (frame selection, prompt-guided pooling)")
