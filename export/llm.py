@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+
 from sfedge.runtime.embeddings import quantize_rows
 from sfedge.runtime.errors import BadCheckpoint
 
