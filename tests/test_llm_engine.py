@@ -186,6 +186,7 @@ def test_int8_kv_cache_is_calibrated_planned_and_runs(make_checkpoint, tmp_path)
     assert rt.plan.prefill_twin and rt.llm.decoder.main.dtype == np.int8 and rt.llm.decoder.twin.dtype == np.float32
     video = rt.encode("demo")
     assert rt.ask(video, "What?").text == rt.ask(video, "What?").text
+
     def twin_fits(budget):
         try:
             return make_plan(m, budget=budget).prefill_twin
