@@ -40,7 +40,7 @@ class Options:
     vision_variants: tuple = ("fp32", "int8")
     calibration_videos: list = field(default_factory=list)
     llm_precision: str = "int4"
-    llm_quant: str = "rtn-mixed"
+    llm_quant: str = "imatrix"
     block_size: int = 32
     embeddings: str = "float16"
     allow_low_fidelity: bool = False

@@ -53,10 +53,11 @@ def parser() -> argparse.ArgumentParser:
                    help="the budget sf-run will plan for: its encode chunk is the frame count engines are tuned for")
     g = p.add_argument_group("language model")
     g.add_argument("--llm-precision", default="int4", choices=["int4", "fp32"])
-    g.add_argument("--llm-quant", default="rtn-mixed", choices=["rtn", "rtn-mixed", "accurate"],
-                   help="rtn: round-to-nearest, every MatMul at 4 bits; rtn-mixed (default): the same with lm_head "
-                        "and sensitive layers at 8 bits; accurate: affine blocks searched on calibration prompts and "
-                        "visual tokens, lm_head at 8 bits (matches fp32 closely, decodes about half as fast)")
+    g.add_argument("--llm-quant", default="imatrix", choices=["rtn", "rtn-mixed", "imatrix", "accurate"],
+                   help="rtn: round-to-nearest, symmetric, every MatMul at 4 bits; rtn-mixed: the same with lm_head "
+                        "and sensitive layers at 8 bits; imatrix (default): the format of rtn with each block's scale "
+                        "searched on calibration prompts and visual tokens; accurate: affine blocks searched the "
+                        "same way, lm_head at 8 bits (matches fp32 closely, decodes about half as fast)")
     g.add_argument("--block-size", type=int, default=32, choices=[32, 64, 128],
                    help="4-bit block size (default 32)")
     g.add_argument("--embeddings", default="float16", choices=["float16", "float32", "int8"],

@@ -22,20 +22,24 @@ import transformers
 from sfedge.runtime.embeddings import quantize_rows
 from sfedge.runtime.errors import BadCheckpoint
 
-from . import affine
+from . import imatrix
 
 QUANT_SCHEMES = {
-    # Builder options per scheme. Measured on SmolLM2-135M (perplexity relative to fp32 PyTorch on 2,048 tokens of
-    # the GPL-3 text; llama.cpp Q4_0 is 1.20x, Q4_K_M 1.06x): RTN, symmetric, every MatMul at 4 bits: 1.28x.
+    # Builder options per scheme (the imatrix schemes have the builder write fp32 and quantize in imatrix.py).
+    # Measured on SmolLM2-135M, perplexity relative to fp32 PyTorch on 2,048 tokens of the GPL-3 text (llama.cpp
+    # Q4_0 is 1.20x, Q4_K_M 1.06x). RTN, symmetric, every MatMul at 4 bits: 1.28x.
     "rtn": {},
-    # The default. RTN with lm_head and the layers llama.cpp finds sensitive (first/last eighth, every third
-    # layer's qkv/v/down projections) at 8 bits, as llama.cpp's Q4_0 keeps its output layer at 6 bits: 1.13x.
-    # (lm_head alone at 8 bits: 1.20x.)
+    # RTN with lm_head and the layers llama.cpp finds sensitive (first/last eighth, every third layer's qkv/v/down
+    # projections) at 8 bits: 1.13x, for 28% more weight bytes than "rtn" (lm_head alone at 8 bits: 1.20x).
     "rtn-mixed": {"matmul_mixed_precision": "last_matmul:int8,mixed_layers:int8"},
-    # Affine blocks searched against calibration activations, lm_head at 8 bits (affine.py): the builder only
-    # writes the fp32 graph. (Its own k-quant scheme with blocks of 16 and 8-bit layers reached 1.07x.)
+    # The default: the bytes and kernel of "rtn", each block's scale searched against calibration activations:
+    # 1.17x, and decode 15% faster than "rtn-mixed" at 30 tokens of context.
+    "imatrix": {},
+    # Affine blocks searched against calibration activations, lm_head at 8 bits: 1.001x, at half the decode speed.
+    # (The builder's own k-quant scheme with blocks of 16 and 8-bit layers reached 1.07x.)
     "accurate": {},
 }
+IMATRIX_SCHEMES = ("imatrix", "accurate")
 
 
 def language_model(llava) -> transformers.PreTrainedModel:
@@ -80,8 +84,8 @@ def build_decoder(lm, tokenizer, work: Path, precision: str, block_size: int, sc
     extra = ["exclude_embeds=true", "prune_lm_head=true", "hf_token=false", "hf_remote=false"]
     if kv_scale_file:
         extra += ["kv_cache_quant_scheme=int8_per_tensor", f"kv_cache_scale_file={kv_scale_file}"]
-    affine_int4 = precision == "int4" and scheme == "accurate"
-    built = "fp32" if affine_int4 else precision
+    searched = precision == "int4" and scheme in IMATRIX_SCHEMES
+    built = "fp32" if searched else precision
     if built == "int4":
         options = {"block_size": block_size, "is_symmetric": "true", **QUANT_SCHEMES[scheme]}
         extra += [f"{k}={v}" for k, v in options.items()]
@@ -97,21 +101,24 @@ def build_decoder(lm, tokenizer, work: Path, precision: str, block_size: int, sc
     if precision != "int4":
         return onnx_dir, None
     record = {"method": "MatMulNBits", "bits": 4, "block_size": block_size, "scheme": scheme}
-    if not affine_int4:
+    if not searched:
         return onnx_dir, {**record, "symmetric": True, **QUANT_SCHEMES[scheme]}
     cfg = lm.config
     spec = {"num_kv_heads": cfg.num_key_value_heads,
             "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads}
     log(f"importance of every MatMul input on {sum(len(s) for s in samples)} calibration tokens")
-    imp = affine.importance(onnx_dir / "model.onnx", samples, spec)
-    log("quantizing to affine 4-bit blocks (lm_head 8-bit)")
-    out_dir = work / "lm-affine"
+    imp = imatrix.importance(onnx_dir / "model.onnx", samples, spec)
+    affine = scheme == "accurate"
+    log("quantizing to affine 4-bit blocks (lm_head 8-bit)" if affine else "quantizing to symmetric 4-bit blocks")
+    out_dir = work / "lm-int4"
     out_dir.mkdir()
-    counts = affine.quantize_graph(onnx_dir / "model.onnx", out_dir / "model.onnx", imp, block_size)
+    counts = imatrix.quantize_graph(onnx_dir / "model.onnx", out_dir / "model.onnx", imp, block_size, affine)
     shutil.rmtree(onnx_dir)
-    return out_dir, {**record, "symmetric": False, "offsets": "float per block (a correction MatMul)",
-                     "lm_head_bits": 8, "matmuls": counts,
-                     "calibration": {"samples": len(samples), "tokens": int(sum(len(s) for s in samples))}}
+    calibration = {"samples": len(samples), "tokens": int(sum(len(s) for s in samples))}
+    if affine:
+        return out_dir, {**record, "symmetric": False, "offsets": "float per block (a correction MatMul)",
+                         "lm_head_bits": 8, "matmuls": counts, "calibration": calibration}
+    return out_dir, {**record, "symmetric": True, "lm_head_bits": 4, "matmuls": counts, "calibration": calibration}
 
 
 def calibration_samples(lm, tokenizer, visual_tokens: np.ndarray | None) -> list[np.ndarray]:
@@ -124,14 +131,14 @@ def calibration_samples(lm, tokenizer, visual_tokens: np.ndarray | None) -> list
     return samples + ([visual_tokens.astype(np.float32)] if visual_tokens is not None else [])
 
 
-def write_llm(lm, tokenizer, bundle: Path, work: Path, *, precision="int4", block_size=32, scheme="rtn-mixed",
+def write_llm(lm, tokenizer, bundle: Path, work: Path, *, precision="int4", block_size=32, scheme="imatrix",
               embed_dtype="float16", kv_cache="float32", visual_tokens=None, log=print) -> dict:
     """Write llm/ into the bundle; return the manifest's "llm" section (fidelity is added by the caller)."""
     scales = None
     if kv_cache == "int8":
         log("calibrating int8 KV-cache scales")
         scales = kv_scales(lm, tokenizer, work / "kv-scales.json", visual_tokens)
-    samples = calibration_samples(lm, tokenizer, visual_tokens) if scheme == "accurate" else None
+    samples = calibration_samples(lm, tokenizer, visual_tokens) if scheme in IMATRIX_SCHEMES else None
     onnx_dir, quantization = build_decoder(lm, tokenizer, work, precision, block_size, scheme, log, scales,
                                            samples)
     dst = bundle / "llm"

@@ -85,7 +85,8 @@ def test_int4_default_fidelity_in_the_demo_manifest(demo_bundle):
     from sfedge.runtime import manifest
 
     fid = manifest.load(demo_bundle)["fidelity"]["llm"]
-    assert fid["passed"] and manifest.load(demo_bundle)["llm"]["quantization"]["scheme"] == "rtn-mixed"
+    q = manifest.load(demo_bundle)["llm"]["quantization"]
+    assert fid["passed"] and q["scheme"] == "imatrix" and q["matmuls"] == {"4-bit": 151, "8-bit": 0}
     assert fid["perplexity"]["tokens"] == 2048
     assert fid["perplexity"]["ratio"] <= Q4_0_RATIO  # no worse than llama.cpp Q4_0, relative to fp32
     assert fid["teacher_forced"]["mean_top5_overlap"] >= 3.5
