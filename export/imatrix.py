@@ -22,6 +22,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from sfedge.runtime.decoder import KV_TYPES
+
 SHRINK = (0.0, 0.02, 0.05, 0.1)  # affine: fractions of a block's range tried off each end (clipping outliers)
 ISCALE = np.linspace(0.8, 1.2, 17)  # symmetric: multiples of the absmax rounding scale tried per block
 SAMPLE_TOKENS = 512  # calibration sequences are cut to this length: activations, not attention spans, matter here
@@ -39,8 +41,9 @@ def importance(graph: Path, samples: list[np.ndarray], spec: dict) -> dict[str, 
         session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
     finally:
         probe.unlink()
-    empty = np.zeros((1, spec["num_kv_heads"], 0, spec["head_dim"]), np.float32)
-    past = {i.name: empty for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    shape = (1, spec["num_kv_heads"], 0, spec["head_dim"])
+    past = {i.name: np.zeros(shape, KV_TYPES[i.type])  # int8 when exported with --kv-cache int8
+            for i in session.get_inputs() if i.name.startswith("past_key_values.")}
     sums, count = {n: 0.0 for n in names}, 0
     for sample in samples:
         for start in range(0, len(sample), SAMPLE_TOKENS):
