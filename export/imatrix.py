@@ -15,46 +15,56 @@ On ONNX Runtime's MatMulNBits, two formats:
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
-
-from sfedge.runtime.decoder import KV_TYPES
+import torch
+from onnx import helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
 
 SHRINK = (0.0, 0.02, 0.05, 0.1)  # affine: fractions of a block's range tried off each end (clipping outliers)
 ISCALE = np.linspace(0.8, 1.2, 17)  # symmetric: multiples of the absmax rounding scale tried per block
 SAMPLE_TOKENS = 512  # calibration sequences are cut to this length: activations, not attention spans, matter here
 
 
-def importance(graph: Path, samples: list[np.ndarray], spec: dict) -> dict[str, np.ndarray]:
-    """Mean square per input channel of every MatMul's input, over `samples` ([n, hidden] embeddings) run through
-    the fp32 decoder graph `graph`. Keyed by the MatMul's input name."""
-    model = onnx.load(graph, load_external_data=False)
-    names = sorted({n.input[0] for n in _weight_matmuls(model)})
-    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
-    probe = graph.with_name("importance.onnx")  # beside the graph, so its external data resolves
-    onnx.save(model, probe)
+def importance(lm, samples: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Mean square per input channel of every Linear's input in the PyTorch language model `lm`, over `samples`
+    ([n, hidden] embeddings). Keyed by module name. (PyTorch rather than the exported fp32 graph: a second fp32 copy
+    of a 7B model's weights would need another 28 GB.)"""
+    sums, count = {}, 0
+
+    def record(name):
+        def hook(module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in lm.named_modules() if isinstance(m, torch.nn.Linear)]
     try:
-        session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            for sample in samples:
+                for start in range(0, len(sample), SAMPLE_TOKENS):
+                    x = torch.from_numpy(np.ascontiguousarray(sample[start:start + SAMPLE_TOKENS], np.float32))
+                    lm(inputs_embeds=x[None])
+                    count += len(x)
     finally:
-        probe.unlink()
-    shape = (1, spec["num_kv_heads"], 0, spec["head_dim"])
-    past = {i.name: np.zeros(shape, KV_TYPES[i.type])  # int8 when exported with --kv-cache int8
-            for i in session.get_inputs() if i.name.startswith("past_key_values.")}
-    sums, count = {n: 0.0 for n in names}, 0
-    for sample in samples:
-        for start in range(0, len(sample), SAMPLE_TOKENS):
-            x = np.ascontiguousarray(sample[start:start + SAMPLE_TOKENS], np.float32)[None]
-            outs = session.run(names, {"inputs_embeds": x, "attention_mask": np.ones(x.shape[:2], np.int64),
-                                       **past})
-            for name, a in zip(names, outs):
-                a = a.reshape(-1, a.shape[-1]).astype(np.float64)
-                sums[name] = sums[name] + (a * a).sum(0)
-            count += x.shape[1]
-    return {n: s / max(count, 1) for n, s in sums.items()}
+        for h in handles:
+            h.remove()
+    return {n: (v / max(count, 1)).numpy() for n, v in sums.items()}
+
+
+def _module_name(node_name: str) -> str:
+    """The model builder's MatMul node -> the PyTorch module whose input it reads: "/model/layers.3/attn/qkv_proj/
+    MatMul" -> "model.layers.3.self_attn.q_proj" (q, k and v share their input), "/lm_head/MatMul" -> "lm_head"."""
+    m = re.fullmatch(r"/model/layers\.(\d+)/(attn|mlp)/(\w+?)_proj/MatMul", node_name)
+    if not m:
+        return node_name.strip("/").removesuffix("/MatMul").replace("/", ".")
+    layer, block, proj = m.groups()
+    if block == "attn":
+        return f"model.layers.{layer}.self_attn.{'o' if proj == 'o' else 'q'}_proj"
+    return f"model.layers.{layer}.mlp.{proj}_proj"
 
 
 def _blocks(w: np.ndarray, block: int, pad=0.0) -> np.ndarray:
@@ -146,11 +156,14 @@ def symmetric8_blocks(w: np.ndarray, block: int):
 
 def quantize_graph(src: Path, dst: Path, imp: dict[str, np.ndarray] | None, block: int, affine: bool) -> dict:
     """Rewrite the fp32 decoder `src` (MatMul on constant weights) into `dst` with external data beside it: every
-    MatMul symmetric 4-bit, or (`affine`) affine 4-bit with its offset correction and lm_head at 8 bits. Returns
-    counts for the manifest."""
-    model = onnx.load(src)
+    MatMul symmetric 4-bit, or (`affine`) affine 4-bit with its offset correction and lm_head at 8 bits. `imp`:
+    importance() of the same model, or None to weigh every input channel alike. Returns counts for the manifest."""
+    model = onnx.load(src, load_external_data=False)  # weights are read one at a time: a 7B model's are 28 GB
     inits = {i.name: i for i in model.graph.initializer}
     weights = {n.input[1] for n in _weight_matmuls(model)}
+    for name, init in inits.items():
+        if name not in weights and init.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(init, str(src.parent))
     nodes, new_inits, block_sums = [], [], {}
     counts = {"4-bit": 0, "8-bit": 0}
 
@@ -167,10 +180,14 @@ def quantize_graph(src: Path, dst: Path, imp: dict[str, np.ndarray] | None, bloc
         if node.op_type != "MatMul" or node.input[1] not in weights:
             nodes.append(node)
             continue
-        w = numpy_helper.to_array(inits[node.input[1]]).T  # stored [K, N]
+        w = numpy_helper.to_array(inits[node.input[1]], str(src.parent)).T  # stored [K, N]
         n_out, k = w.shape
         a, base, out = node.input[0], node.input[1], node.output[0]
-        imp_a = None if imp is None else imp.get(a)
+        imp_a = None
+        if imp is not None:
+            if _module_name(node.name) not in imp:
+                raise ValueError(f"{src}: no calibration importance for {node.name} ({_module_name(node.name)})")
+            imp_a = imp[_module_name(node.name)]
         # Accuracy level 4 (int8 activations, the CPU default) is the fast kernel. The affine layers use 1 (fp32
         # activations): measured on SmolLM2, 4 drops their teacher-forced min cosine from 0.9997 to 0.979, for
         # half the kernel time. lm_head stays at 4: 8-bit weights have no fast fp32-activation kernel (90 ms a step).
@@ -203,6 +220,8 @@ def quantize_graph(src: Path, dst: Path, imp: dict[str, np.ndarray] | None, bloc
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, dst, save_as_external_data=True, all_tensors_to_one_file=True,
               location=dst.name + ".data", size_threshold=1024)
+    # onnx writes external data owner-only (0600); a bundle copied to a device is read by another user.
+    dst.with_name(dst.name + ".data").chmod(dst.stat().st_mode & 0o777)
     return counts
 
 

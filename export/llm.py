@@ -103,11 +103,8 @@ def build_decoder(lm, tokenizer, work: Path, precision: str, block_size: int, sc
     record = {"method": "MatMulNBits", "bits": 4, "block_size": block_size, "scheme": scheme}
     if not searched:
         return onnx_dir, {**record, "symmetric": True, **QUANT_SCHEMES[scheme]}
-    cfg = lm.config
-    spec = {"num_kv_heads": cfg.num_key_value_heads,
-            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads}
     log(f"importance of every MatMul input on {sum(len(s) for s in samples)} calibration tokens")
-    imp = imatrix.importance(onnx_dir / "model.onnx", samples, spec)
+    imp = imatrix.importance(lm, samples)
     affine = scheme == "accurate"
     log("quantizing to affine 4-bit blocks (lm_head 8-bit)" if affine else "quantizing to symmetric 4-bit blocks")
     out_dir = work / "lm-int4"
