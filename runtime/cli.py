@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from . import prompt as prompts
 from .clitools import parse_size, run_cli
 from .errors import BadInput
 
@@ -20,7 +21,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--question", "-q", action="append", required=True,
                    help="the question; repeat for follow-ups about the same video (its KV cache is reused)")
     a.add_argument("--options", nargs="+", help="multiple-choice options, listed as (A) ... (B) ...")
-    a.add_argument("--style", default="plain", choices=["plain", "open-ended", "multiple-choice"],
+    a.add_argument("--style", default="plain", choices=list(prompts.STYLES),
                    help="answer prefill: open-ended starts 'In the video,', multiple-choice 'Best option:('")
     a.add_argument("--frames", type=int, help="frames to sample (default: the bundle's, usually 50)")
     a.add_argument("--max-new-tokens", type=int, default=128)
@@ -136,6 +137,10 @@ def _ask(a) -> int:
             _err("[sf-run] " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()) +
                  f"; {ans.prompt_tokens} prompt tokens{' (video prefix reused)' if ans.reused_prefix else ''}, "
                  f"{ans.generated_tokens} generated; peak memory {ans.peak_memory_bytes / 1e6:.0f} MB")
+            if not ans.generated_tokens:  # an empty answer is the model's, not a failure: say so
+                _err("[sf-run] note: the model ended its answer at once (its first token was end-of-sequence)"
+                     + ("" if a.style == "open-ended" else
+                        f'; --style open-ended starts the answer with "{prompts.STYLES["open-ended"]}"'))
     return 0
 
 
