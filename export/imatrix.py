@@ -24,6 +24,8 @@ import torch
 from onnx import helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_tensor
 
+from sfedge.runtime.errors import BadCheckpoint
+
 SHRINK = (0.0, 0.02, 0.05, 0.1)  # affine: fractions of a block's range tried off each end (clipping outliers)
 ISCALE = np.linspace(0.8, 1.2, 17)  # symmetric: multiples of the absmax rounding scale tried per block
 SAMPLE_TOKENS = 512  # calibration sequences are cut to this length: activations, not attention spans, matter here
@@ -167,13 +169,13 @@ def quantize_graph(src: Path, dst: Path, imp: dict[str, np.ndarray] | None, bloc
     nodes, new_inits, block_sums = [], [], {}
     counts = {"4-bit": 0, "8-bit": 0}
 
-    def matmul_nbits(x, base, out, name, codes, scales, bits, level):
+    def matmul_nbits(x, base, out, name, codes, scales, bits, level, k):
         packed = codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)
         new_inits.extend([numpy_helper.from_array(packed, f"{base}_Q{bits}"),
                           numpy_helper.from_array(scales, base + "_scales")])
         counts[f"{bits}-bit"] += 1
         return helper.make_node("MatMulNBits", [x, f"{base}_Q{bits}", base + "_scales"], [out], f"{name}_Q{bits}",
-                                domain="com.microsoft", bits=bits, accuracy_level=level, K=k, N=n_out,
+                                domain="com.microsoft", bits=bits, accuracy_level=level, K=k, N=len(codes),
                                 block_size=block)
 
     for node in model.graph.node:
@@ -181,20 +183,22 @@ def quantize_graph(src: Path, dst: Path, imp: dict[str, np.ndarray] | None, bloc
             nodes.append(node)
             continue
         w = numpy_helper.to_array(inits[node.input[1]], str(src.parent)).T  # stored [K, N]
-        n_out, k = w.shape
+        k = w.shape[1]
         a, base, out = node.input[0], node.input[1], node.output[0]
         imp_a = None
         if imp is not None:
             if _module_name(node.name) not in imp:
-                raise ValueError(f"{src}: no calibration importance for {node.name} ({_module_name(node.name)})")
+                raise BadCheckpoint(f"the model builder's MatMul {node.name} matches no PyTorch layer "
+                                    f"({_module_name(node.name)}), so it has no calibration importance: export "
+                                    f"with --llm-quant rtn-mixed")
             imp_a = imp[_module_name(node.name)]
         # Accuracy level 4 (int8 activations, the CPU default) is the fast kernel. The affine layers use 1 (fp32
         # activations): measured on SmolLM2, 4 drops their teacher-forced min cosine from 0.9997 to 0.979, for
         # half the kernel time. lm_head stays at 4: 8-bit weights have no fast fp32-activation kernel (90 ms a step).
         if not affine:
-            nodes.append(matmul_nbits(a, base, out, node.name, *symmetric4_blocks(w, imp_a, block), 4, 4))
+            nodes.append(matmul_nbits(a, base, out, node.name, *symmetric4_blocks(w, imp_a, block), 4, 4, k))
         elif node.name.startswith("/lm_head/"):
-            nodes.append(matmul_nbits(a, base, out, node.name, *symmetric8_blocks(w, block), 8, 4))
+            nodes.append(matmul_nbits(a, base, out, node.name, *symmetric8_blocks(w, block), 8, 4, k))
         else:
             q, d, c = affine_blocks(w, imp_a, block)
             if a not in block_sums:  # one block sum per input, shared by the MatMuls that read it (gate and up)
@@ -206,7 +210,7 @@ def quantize_graph(src: Path, dst: Path, imp: dict[str, np.ndarray] | None, bloc
                                               f"{a}/BlockSum"))
             new_inits.append(numpy_helper.from_array(np.ascontiguousarray(c.T), base + "_offsets"))
             nodes += [
-                matmul_nbits(a, base, out + "/codes", node.name, q, d, 4, 1),
+                matmul_nbits(a, base, out + "/codes", node.name, q, d, 4, 1, k),
                 helper.make_node("MatMul", [block_sums[a], base + "_offsets"], [out + "/offsets"],
                                  node.name + "_Offsets"),
                 helper.make_node("Add", [out + "/codes", out + "/offsets"], [out], node.name + "_Add"),
