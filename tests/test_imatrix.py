@@ -8,6 +8,7 @@ import pytest
 from conftest import export_tiny
 from onnx import TensorProto, helper, numpy_helper
 from sfedge.export import imatrix
+from sfedge.runtime.errors import BadCheckpoint
 
 rng = np.random.default_rng(0)
 
@@ -130,6 +131,23 @@ def test_symmetric_rewrite_runs_every_matmul_at_4_bits(tmp_path):
     got = ort.InferenceSession(str(tmp_path / "q.onnx")).run(["y"], {"x": x})[0].ravel()
     want = (x @ w.T).ravel()  # the weights are exact; int8 activations cost a little
     assert want @ got / np.linalg.norm(want) / np.linalg.norm(got) >= 0.999
+
+
+def test_builder_matmuls_map_to_the_pytorch_layers_whose_inputs_they_read(tmp_path):
+    assert imatrix._module_name("/model/layers.3/attn/qkv_proj/MatMul") == "model.layers.3.self_attn.q_proj"
+    assert imatrix._module_name("/model/layers.3/attn/v_proj/MatMul") == "model.layers.3.self_attn.q_proj"
+    assert imatrix._module_name("/model/layers.3/attn/o_proj/MatMul") == "model.layers.3.self_attn.o_proj"
+    assert imatrix._module_name("/model/layers.12/mlp/down_proj/MatMul") == "model.layers.12.mlp.down_proj"
+    assert imatrix._module_name("/lm_head/MatMul") == "lm_head"
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], "/model/layers.0/attn/o_proj/MatMul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(q4_0(8, 32).T.copy(), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
+              tmp_path / "fp32.onnx")
+    with pytest.raises(BadCheckpoint, match="o_proj/MatMul matches no PyTorch layer.*--llm-quant rtn-mixed"):
+        imatrix.quantize_graph(tmp_path / "fp32.onnx", tmp_path / "q.onnx", {"lm_head": np.ones(32)}, 32, False)
 
 
 @pytest.mark.parametrize("text,scheme", [("llama", "accurate"), ("qwen2", "accurate"), ("qwen2", "imatrix")])
