@@ -112,11 +112,11 @@ def build_decoder(lm, tokenizer, work: Path, precision: str, block_size: int, sc
     out_dir.mkdir()
     counts = imatrix.quantize_graph(onnx_dir / "model.onnx", out_dir / "model.onnx", imp, block_size, affine)
     shutil.rmtree(onnx_dir)
-    calibration = {"samples": len(samples), "tokens": int(sum(len(s) for s in samples))}
+    record.update(symmetric=not affine, lm_head_bits=8 if affine else 4, matmuls=counts,
+                  calibration={"samples": len(samples), "tokens": int(sum(len(s) for s in samples))})
     if affine:
-        return out_dir, {**record, "symmetric": False, "offsets": "float per block (a correction MatMul)",
-                         "lm_head_bits": 8, "matmuls": counts, "calibration": calibration}
-    return out_dir, {**record, "symmetric": True, "lm_head_bits": 4, "matmuls": counts, "calibration": calibration}
+        record["offsets"] = "float per block (a correction MatMul)"
+    return out_dir, record
 
 
 def calibration_samples(lm, tokenizer, visual_tokens: np.ndarray | None) -> list[np.ndarray]:
