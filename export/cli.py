@@ -7,7 +7,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sfedge.runtime.clitools import human, run_cli
+from sfedge.runtime.clitools import run_cli
+from sfedge.runtime.units import human
 from sfedge.runtime.errors import BadInput
 from sfedge.runtime.tokens import prompt_pooled_count
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from sfedge.runtime import engines as runtime_engines
 from sfedge.runtime import manifest as manifest_io
-from sfedge.runtime.clitools import parse_size
+from sfedge.runtime.units import parse_size
 from sfedge.runtime.errors import BackendUnavailable, BadInput, ExportFailed
 from sfedge.runtime.planner import make_plan
 

@@ -7,7 +7,8 @@ import json
 import sys
 
 from . import prompt as prompts
-from .clitools import parse_size, run_cli
+from .clitools import run_cli
+from .units import parse_size
 from .errors import BadInput
 
 

@@ -12,11 +12,12 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import BadInput, GraphFailed
+from .sessions import open_session
 
 
 class Decoder:
-    def __init__(self, graph_path: str, spec: dict, max_len: int, providers=None, threads: int | None = None,
-                 prefill_graph: str | None = None):
+    def __init__(self, graph_path, spec: dict, max_len: int, providers=None, threads: int | None = None,
+                 prefill_graph=None):
         """`prefill_graph`: with an int8-KV `graph_path`, its fp32-KV twin (same weights). Prompts then go through
         the twin, whose attention prefills ~2x faster here, and decoding at long context through the int8 cache,
         which reads 4x fewer KV bytes per token; each cache is brought up to date from the other when its turn
@@ -34,10 +35,6 @@ class Decoder:
             raise GraphFailed(f"{prefill_graph}: the prefill twin swaps caches through host memory (CPU only)")
         if self.twin:  # a session's first run is slow (allocations, threads): pay the int8 one's now, not mid-answer
             self.main.run(np.zeros((1, 1, spec["hidden_size"]), np.float32), 0)
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.spec)
 
     def rewind(self, length: int) -> None:
         if not 0 <= length <= self.length:
@@ -99,14 +96,8 @@ class _Bound:
     """One decoder session with its KV buffers bound as both past input and present output, and how many
     positions of them are up to date."""
 
-    def __init__(self, path: str, spec: dict, max_len: int, providers, threads):
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(path, opts, providers=providers or ["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own untyped errors
-            raise GraphFailed(f"{path}: ONNX Runtime cannot load this graph: {e}") from None
+    def __init__(self, path, spec: dict, max_len: int, providers, threads):
+        self.session = open_session(path, providers, threads)
         self.path = path
         self.valid = 0
         shape = [1, spec["num_kv_heads"], max_len, spec["head_dim"]]
@@ -141,11 +132,3 @@ class _Bound:
 
 
 KV_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
-
-
-def kv_bytes_per_token(spec: dict, resident: bool = False) -> int:
-    """Key + value for every layer: what one more token of context adds to a decode step's reads or, `resident`,
-    to memory (an int8 cache with its fp32 prefill twin holds both)."""
-    elements = 2 * spec["num_layers"] * spec["num_kv_heads"] * spec["head_dim"]
-    width = np.dtype(spec.get("kv_dtype", "float32")).itemsize
-    return elements * (width + (4 if resident and spec.get("prefill_graph") else 0))

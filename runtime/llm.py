@@ -1,85 +1,129 @@
-"""The language model as the runtime drives it: tokenizer, embedding lookup, the in-place-KV decoder and the
-generation loop. `prefix` state is an integer: after `prefill`, the cache holds that many positions, and a later
-question about the same video rewinds to it instead of prefilling the video again."""
+"""The language model as the runtime drives it, in the shape of gpt-fast's loop: the prompt goes in through
+`decoder.forward` (prefill), `decode_one_token` appends one token, and `generate` yields token ids and returns its
+statistics; `text_pieces` turns those ids into streamed text. The KV cache position is an integer: after a prefill
+the cache holds that many positions, and a later question about the same video rewinds to it."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Generator
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from .decoder import Decoder, kv_bytes_per_token
+from .decoder import Decoder
 from .embeddings import Embeddings
 from .errors import BadBundle, BadInput
-from .generate import Sampling, TextStream, pick
+from .sampling import Sampling, pick
 
 
 class LanguageModel:
+    """The bundle's tokenizer, embedding table and decoder, and what ends an answer."""
+
     def __init__(self, root: Path, manifest: dict, max_len: int, providers=None, threads=None,
                  decoder_factory=None, prefill_twin: bool = True):
         """`decoder_factory(root, spec, max_len, manifest)` swaps the ONNX decoder for another with the same
         interface (the PyTorch hosts' nf4 backend: sfedge.export.nf4.NF4Decoder). `prefill_twin`: use an int8-KV
         bundle's fp32 prefill graph (the planner drops it when the memory budget has no room)."""
-        self.spec = manifest["llm"]
-        self.prompt_spec = manifest["prompt"]
+        spec = manifest["llm"]
         try:
             self.tokenizer = Tokenizer.from_file(str(root / manifest["tokenizer"]))
         except Exception as e:  # tokenizers raises a bare Exception
             raise BadBundle(f"{root / manifest['tokenizer']}: cannot read the tokenizer ({e})") from None
-        self.embed = Embeddings(root, self.spec["embeddings"])
-        twin = self.spec.get("prefill_graph") if prefill_twin else None
-        self.decoder = (decoder_factory(root, self.spec, max_len, manifest) if decoder_factory
-                        else Decoder(str(root / self.spec["graph"]), self.spec, max_len, providers, threads,
-                                     twin and str(root / twin)))
-        self.eos = set(self.prompt_spec["eos_token_ids"])
+        self.embed = Embeddings(root, spec["embeddings"])
+        twin = spec.get("prefill_graph") if prefill_twin else None
+        self.decoder = (decoder_factory(root, spec, max_len, manifest) if decoder_factory
+                        else Decoder(root / spec["graph"], spec, max_len, providers, threads, twin and root / twin))
+        self.eos = frozenset(manifest["prompt"]["eos_token_ids"])
+        self.stop_strings = manifest["prompt"]["stop_strings"]
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.spec)
-
-    def encode(self, text: str, first: bool = False) -> list[int]:
-        special = first and self.prompt_spec.get("add_special_tokens", False)
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=special).ids
 
-    @property
-    def length(self) -> int:
-        return self.decoder.length
 
-    def rewind(self, n: int) -> None:
-        self.decoder.rewind(n)
+@dataclass
+class Generated:
+    tokens: list  # ids, EOS excluded
+    seconds: float
 
-    def prefill(self, embeds: np.ndarray, chunk: int = 512) -> np.ndarray:
-        return self.decoder.forward(embeds, chunk)
 
-    def generate(self, logits: np.ndarray, max_new_tokens: int, sampling: Sampling,
-                 stats: dict | None = None, min_new_tokens: int = 0) -> Iterator[str]:
-        """Stream text pieces, starting from the logits after the prompt. EOS is suppressed until
-        min_new_tokens have been generated."""
-        if self.decoder.length + max_new_tokens > self.decoder.max_len:
-            max_new_tokens = self.decoder.max_len - self.decoder.length
-            if max_new_tokens <= 0:
-                raise BadInput(f"the prompt fills the whole context of {self.decoder.max_len} tokens")
-        rng = np.random.default_rng(sampling.seed)
-        stream = TextStream(self.tokenizer, self.prompt_spec["stop_strings"])
-        t0, tokens = time.perf_counter(), []
-        eos = np.array(sorted(self.eos), dtype=np.int64)
-        for _ in range(max_new_tokens):
-            if len(tokens) < min_new_tokens:
-                logits[eos] = -np.inf
-            tok = pick(logits, sampling, rng)
-            if tok in self.eos:
-                break
-            tokens.append(tok)
+def decode_one_token(lm: LanguageModel, token: int) -> np.ndarray:
+    """Append one token; the logits [vocab] for the next."""
+    return lm.decoder.forward(lm.embed([token]))
+
+
+def generate(lm: LanguageModel, logits: np.ndarray, max_new_tokens: int, sampling: Sampling,
+             min_new_tokens: int = 0) -> Generator[int, bool, Generated]:
+    """Token ids from the logits after the prompt, until EOS or max_new_tokens (EOS is suppressed until
+    min_new_tokens). The next step runs only when the next token is asked for; send True to stop after the token
+    just yielded (a stop string appeared)."""
+    room = lm.decoder.max_len - lm.decoder.length
+    if room <= 0:
+        raise BadInput(f"the prompt fills the whole context of {lm.decoder.max_len} tokens")
+    rng = np.random.default_rng(sampling.seed)
+    eos = np.array(sorted(lm.eos), dtype=np.int64)
+    t0, tokens = time.perf_counter(), []
+    for _ in range(min(max_new_tokens, room)):
+        if len(tokens) < min_new_tokens:
+            logits[eos] = -np.inf
+        tok = pick(logits, sampling, rng)
+        if tok in lm.eos:
+            break
+        tokens.append(tok)
+        if (yield tok):
+            break
+        logits = decode_one_token(lm, tok)
+    return Generated(tokens, time.perf_counter() - t0)
+
+
+def text_pieces(lm: LanguageModel, tokens: Generator[int, bool, Generated]) -> Generator[str, None, Generated]:
+    """Streamed text of generated token ids: stops at the bundle's stop strings; returns generate's statistics."""
+    stream = TextStream(lm.tokenizer, lm.stop_strings)
+    try:
+        tok = next(tokens)
+        while True:
             piece = stream.push(tok)
             if piece:
                 yield piece
-            if stream.stopped:
-                break
-            logits = self.decoder.forward(self.embed([tok]))
-        tail = stream.finish()
-        if tail:
-            yield tail
-        if stats is not None:
-            stats.update(generated_tokens=len(tokens), generate_s=time.perf_counter() - t0, token_ids=tokens)
+            tok = tokens.send(stream.stopped)
+    except StopIteration as done:
+        generated = done.value
+    tail = stream.finish()
+    if tail:
+        yield tail
+    return generated
+
+
+class TextStream:
+    """Turns generated token ids into text pieces. Holds back a piece while it ends in an incomplete UTF-8
+    sequence (decoded as U+FFFD) or could be the start of a stop string."""
+
+    def __init__(self, tokenizer, stop_strings=()):
+        self.tok, self.stops = tokenizer, [s for s in stop_strings if s]
+        self.ids: list[int] = []
+        self.sent = 0  # characters already emitted
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        for stop in self.stops:
+            at = text.find(stop)
+            if at >= 0:
+                self.stopped = True
+                return self._emit(text[:at])
+        if text.endswith("\ufffd"):
+            return ""
+        hold = max((k for stop in self.stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+        return self._emit(text[:len(text) - hold])
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        return self._emit(self.tok.decode(self.ids, skip_special_tokens=True))
+
+    def _emit(self, upto: str) -> str:
+        piece = upto[self.sent:]
+        self.sent = max(self.sent, len(upto))
+        return piece

@@ -19,23 +19,36 @@ MANIFEST = "manifest.json"
 ENGINES_DIR = "engines"  # TensorRT engines and timing caches: device-specific, optional (see `load`)
 ORT_CACHE_DIR = ".engine-cache"  # ONNX Runtime's TensorRT engine cache: rewritten at run time, never hashed
 
-# field -> type, for every section the runtime reads. Nested dicts are checked recursively.
+
+class Maybe:
+    """A field a bundle may leave out; checked like any other when present."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+
+# field -> type, for every field the runtime reads. Nested dicts are checked recursively.
 SCHEMA = {
     "schema_version": int,
     "toolkit_version": str,
-    "source": {"checkpoint": str, "architecture": str},
+    "source": {"checkpoint": str, "architecture": str, "note": Maybe(str)},
     "vision": {
         "image_size": list, "patch_grid": list, "mean": list, "std": list, "select_layer": (int, list),
         "select_strategy": str, "has_cls_token": bool, "tokens_per_frame": int, "hidden_size": int,
         "graphs": dict,
+        "tower_dims": {"hidden_size": int, "intermediate_size": int, "num_heads": int, "num_layers": int},
     },
     "aggregator": {"graph": str, "num_frames": int, "slow_frames": int, "slow_pool": str, "fast_grid": list},
     "llm": {
-        "graph": str, "precision": str, "num_layers": int, "num_kv_heads": int, "head_dim": int,
-        "hidden_size": int, "vocab_size": int, "max_context": int, "embeddings": {"dtype": str, "files": dict},
+        "graph": str, "external_data": Maybe(list), "precision": str, "num_layers": int, "num_heads": int,
+        "num_kv_heads": int, "head_dim": int, "hidden_size": int, "intermediate_size": int, "vocab_size": int,
+        "max_context": int, "embeddings": {"dtype": str, "files": dict}, "kv_dtype": str,
+        # an int8-KV bundle's fp32-KV twin for prompts, and the per-layer scales that move caches between them
+        "prefill_graph": Maybe(str), "kv_scales": Maybe({"k_scales": list, "v_scales": list}),
     },
     "tokenizer": str,
-    "prompt": {"prefix": str, "suffix": str, "image_token": str, "eos_token_ids": list, "stop_strings": list},
+    "prompt": {"prefix": str, "suffix": str, "add_special_tokens": bool, "eos_token_ids": list,
+               "stop_strings": list},
     "artifacts": dict,
     "fidelity": dict,
 }
@@ -53,6 +66,7 @@ OPTIONAL = {
 ENGINE = {"role": str, "graph": str, "file": str, "precision": str, "profile": dict, "gpu": str,
           "compute_capability": str, "tensorrt": str}
 ENGINE_ROLES = ("vision", "aggregator")
+KV_DTYPES = ("float32", "int8")
 
 
 def sha256_file(path: Path) -> str:
@@ -83,6 +97,10 @@ def write(root: Path, manifest: dict) -> None:
 
 def _check_fields(obj: dict, schema: dict, where: Path, prefix: str) -> None:
     for key, kind in schema.items():
+        if isinstance(kind, Maybe):
+            if key not in obj:
+                continue
+            kind = kind.kind
         if key not in obj:
             raise BadBundle(f"{where}: field '{prefix}{key}' is missing")
         if isinstance(kind, dict):
@@ -91,6 +109,11 @@ def _check_fields(obj: dict, schema: dict, where: Path, prefix: str) -> None:
             _check_fields(obj[key], kind, where, f"{prefix}{key}.")
         elif not isinstance(obj[key], kind) or (kind is int and isinstance(obj[key], bool)):
             raise BadBundle(f"{where}: field '{prefix}{key}' has the wrong type ({type(obj[key]).__name__})")
+    if prefix == "llm.":
+        if obj["kv_dtype"] not in KV_DTYPES:
+            raise BadBundle(f"{where}: field 'llm.kv_dtype' must be one of {', '.join(KV_DTYPES)}")
+        if "prefill_graph" in obj and "kv_scales" not in obj:
+            raise BadBundle(f"{where}: 'llm.prefill_graph' needs 'llm.kv_scales' (the int8 cache's scales)")
 
 
 def _check_optional(obj: dict, where: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .clitools import human
+from .units import human
 from .decoder import kv_bytes_per_token
 from .errors import BadInput, DoesNotFit
 from .tokens import prompt_pooled_count, visual_token_count

@@ -1,15 +1,17 @@
-"""The prompt: the checkpoint's chat template, rendered at export into a prefix and a suffix around the user's
-turn (manifest "prompt"), and SlowFast-LLaVA's two answer styles.
+"""Everything about the prompt, in one place: the checkpoint's chat template rendered at export into a prefix and a
+suffix around the user's turn (the manifest's "prompt" section, so the runtime needs no Jinja), its special
+tokens, end-of-sequence ids and stop strings, SlowFast-LLaVA's answer prefills, and the assembly of
 
-  prefix + <image tokens> + "\\n" + question + suffix + answer_start
+  prefix + <visual tokens> + "\\n" + question + suffix + answer_start
 
-The part up to and including the visual tokens is the same for every question about a video, so its KV cache is
-kept and reused across questions.
+as embeddings, shared by the runtime, the export's fidelity check, the bench and the tests' reference. The part up
+to and including the visual tokens is the same for every question about a video, so its KV cache is reused.
 """
 from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from .errors import BadInput
 
@@ -19,6 +21,13 @@ STYLES = {
     "multiple-choice": "Best option:(",  # and its multiple-choice one
 }
 MAX_QUESTION_CHARS = 20_000
+SENTINEL = "\x00USER_TURN\x00"
+FALLBACK = ("USER: ", " ASSISTANT:")  # LLaVA-1.5's conversation format, for checkpoints that ship no chat template
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>")
+
+# A tokenizer as the prompt sees it: (text, add_special_tokens) -> ids. The runtime passes the bundle's
+# tokenizers.Tokenizer, the export and the reference transformers' tokenizer; both tokenize the same text.
+Tokenize = Callable[[str, bool], list]
 
 
 @dataclass
@@ -26,6 +35,43 @@ class Prompt:
     prefix: str  # before the visual tokens
     question: str  # after them: "\n" + question + suffix + answer start
     answer_start: str
+
+
+@dataclass
+class PromptIds:
+    prefix: list  # token ids before the visual tokens (with BOS where the template wants it)
+    question: list  # token ids after them
+    answer_start: str
+
+
+def spec_from_tokenizer(tokenizer, eos_ids: list[int]) -> dict:
+    """The manifest's "prompt" section from a transformers tokenizer (export side; duck-typed, no import)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], tokenize=False,
+                                             add_generation_prompt=True)
+        prefix, suffix = text.split(SENTINEL)
+        source, add_special = "chat_template", False  # templates carry their own BOS, as in transformers
+    else:
+        (prefix, suffix), source, add_special = FALLBACK, "llava-1.5 default", True
+    end_of_turn = [t for t in END_OF_TURN if t in suffix or t in prefix]
+    ids = set(eos_ids)
+    for t in end_of_turn:
+        tid = tokenizer.convert_tokens_to_ids(t)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return {"prefix": prefix, "suffix": suffix, "source": source, "add_special_tokens": add_special,
+            "eos_token_ids": sorted(ids), "stop_strings": end_of_turn}
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every end-of-sequence id a checkpoint declares: generation config, model config, text config, tokenizer."""
+    found = set()
+    for cfg in (getattr(model, "generation_config", None), model.config, getattr(model.config, "text_config", None)):
+        eid = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+        found.update(eid if isinstance(eid, (list, tuple)) else [eid] if eid is not None else [])
+    if tokenizer.eos_token_id is not None:
+        found.add(tokenizer.eos_token_id)
+    return sorted(found)
 
 
 def clean_question(question: str) -> str:
@@ -41,6 +87,8 @@ def clean_question(question: str) -> str:
 
 
 def build(spec: dict, question: str, style: str = "plain", options: list[str] | None = None) -> Prompt:
+    """The prompt's text around the visual tokens. With options, the question lists them as (A) ... (B) ... and
+    the answer starts with the multiple-choice prefill."""
     if style not in STYLES:
         raise BadInput(f"prompt style {style!r}: choose one of {', '.join(STYLES)}")
     question = clean_question(question)
@@ -51,3 +99,19 @@ def build(spec: dict, question: str, style: str = "plain", options: list[str] | 
         style = "multiple-choice" if style == "plain" else style
     answer_start = STYLES[style]
     return Prompt(spec["prefix"], "\n" + question + spec["suffix"] + answer_start, answer_start)
+
+
+def token_ids(spec: dict, tokenize: Tokenize, question: str, style: str = "plain",
+              options: list[str] | None = None) -> PromptIds:
+    """The prompt as token ids: the prefix with the template's special tokens, the question part without."""
+    p = build(spec, question, style, options)
+    return PromptIds(list(tokenize(p.prefix, spec["add_special_tokens"])), list(tokenize(p.question, False)),
+                     p.answer_start)
+
+
+def embeds(spec: dict, tokenize: Tokenize, embed: Callable[[list], Any], concat: Callable[[list], Any], visual,
+           question: str, style: str = "plain", options: list[str] | None = None) -> Any:
+    """prefix + visual + question embeddings [n, D] in one array: `embed` maps ids to rows and `concat` joins
+    them (numpy's or torch's), so the runtime and the PyTorch reference build the very same sequence."""
+    ids = token_ids(spec, tokenize, question, style, options)
+    return concat([embed(ids.prefix), visual, embed(ids.question)])

@@ -73,16 +73,24 @@ def provider_name(entry) -> str:
     return entry if isinstance(entry, str) else entry[0]
 
 
+def open_session(path, providers=None, threads: int | None = None) -> ort.InferenceSession:
+    """The one way this project opens an ONNX graph: a load failure names the file instead of ONNX Runtime's
+    traceback. CPU when no providers are given."""
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers or [CPU])
+    except Exception as e:  # onnxruntime raises its own untyped errors
+        raise GraphFailed(f"{path}: ONNX Runtime cannot load this graph: {e}") from None
+
+
 class Graph:
-    def __init__(self, path: Path, provider_list, threads: int | None = None):
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
+    """A graph that takes numpy feeds and gives numpy outputs; a run failure names the graph."""
+
+    def __init__(self, path: Path, provider_list=None, threads: int | None = None):
         self.path = Path(path)
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=provider_list)
-        except Exception as e:
-            raise GraphFailed(f"{path}: ONNX Runtime cannot load this graph: {e}") from None
+        self.session = open_session(path, provider_list, threads)
         self.inputs = {i.name for i in self.session.get_inputs()}
         # What really runs: ONNX Runtime drops a GPU provider whose libraries fail to load (with a warning only).
         self.provider = self.session.get_providers()[0]
@@ -96,3 +104,20 @@ class Graph:
             return self.session.run(None, feeds)
         except Exception as e:
             raise GraphFailed(f"{self.path}: ONNX Runtime failed: {e}") from None
+
+    def outputs(self, feeds: dict) -> dict:
+        """Every output by name."""
+        return dict(zip([o.name for o in self.session.get_outputs()], self.run_all(feeds)))
+
+
+def open_graph(role: str, onnx_path: Path, provider_list: list, threads: int | None, engine=None):
+    """A graph of the bundle on its device: a TensorRT engine when `engine` (from `engines.choose`) names one, else
+    the ONNX graph. Returns the graph and a note for sf-run when the device asked for is not what runs."""
+    if engine is not None:
+        from .engines import EngineRunner
+        return EngineRunner(engine), None
+    graph = Graph(onnx_path, provider_list, threads)
+    wanted = provider_name(provider_list[0])
+    note = (f"{role}: ONNX Runtime could not start {wanted} and runs {Path(onnx_path).name} on {graph.provider}"
+            if graph.provider != wanted else None)
+    return graph, note

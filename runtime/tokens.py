@@ -1,8 +1,12 @@
-"""Index and count rules of SlowFast-LLaVA's token layout that the runtime needs without running the graph.
-The pooling itself is stated once, in `sfedge.export.aggregator`, and runs as the bundle's aggregator graph."""
+"""How many tokens a video becomes, and what one token of context costs: the arithmetic the planner, the runtime
+and the export share, known from the manifest before any frame is encoded or question asked. The pooling itself
+is stated once, in `sfedge.export.aggregator` (SlowFast) and `sfedge.export.prompt_pooling` (PPLLaVA), and runs as
+the bundle's graphs."""
 from __future__ import annotations
 
 import numpy as np
+
+KV_WIDTH = {"float32": 4, "float16": 2, "int8": 1}
 
 
 def slow_indices(t: int, s: int) -> np.ndarray:
@@ -11,7 +15,7 @@ def slow_indices(t: int, s: int) -> np.ndarray:
 
 
 def visual_token_count(t: int, agg: dict, grid) -> int:
-    """Tokens the aggregator gives for T frames: known before any frame is encoded or question asked."""
+    """Tokens the SlowFast aggregator gives for T frames."""
     gh, gw = grid
     per_slow = (gh * gw) // 2 if agg["slow_pool"].endswith("1d") else (gh // 2) * (gw // 2)
     fh, fw = agg["fast_grid"]
@@ -19,7 +23,22 @@ def visual_token_count(t: int, agg: dict, grid) -> int:
 
 
 def prompt_pooled_count(t: int, grid, kernel) -> int:
-    """Tokens of PPLLaVA's prompt-guided pooling (`sfedge.export.prompt_pooling`) for T frames: 3-D windows,
-    kernel = stride, partial windows at the edges. Depends only on T, the grid and the kernel, not the question."""
+    """Tokens of PPLLaVA's prompt-guided pooling for T frames: 3-D windows, kernel = stride, partial windows at the
+    edges. Depends only on T, the grid and the kernel, not the question."""
     kt, kh, kw = kernel
     return -(-t // kt) * -(-grid[0] // kh) * -(-grid[1] // kw)
+
+
+def visual_tokens(manifest: dict, frames: int, pooling: str = "slowfast") -> int:
+    """Visual tokens for T frames of this bundle under either pooling."""
+    if pooling == "prompt-guided":
+        return prompt_pooled_count(frames, manifest["vision"]["patch_grid"], manifest["prompt_pooling"]["kernel"])
+    return visual_token_count(frames, manifest["aggregator"], manifest["vision"]["patch_grid"])
+
+
+def kv_bytes_per_token(llm: dict, resident: bool = False) -> int:
+    """Key + value for every layer (the manifest's "llm" section): what one more token of context adds to a decode
+    step's reads or, `resident`, to memory (an int8 cache with its fp32 prefill twin holds both)."""
+    elements = 2 * llm["num_layers"] * llm["num_kv_heads"] * llm["head_dim"]
+    twin = KV_WIDTH["float32"] if resident and "prefill_graph" in llm else 0
+    return elements * (KV_WIDTH[llm["kv_dtype"]] + twin)
