@@ -3,12 +3,15 @@ from .errors import BadBundle, BadInput, BackendUnavailable, DoesNotFit, GraphFa
 
 
 def __getattr__(name):
-    # Runtime is imported on first use, so `import sfedge.runtime` stays cheap for tools that only read manifests.
-    if name in ("Runtime", "Answer", "VisualTokens"):
+    # Imported on first use, so `import sfedge.runtime` stays cheap for tools that only read manifests.
+    if name in ("Runtime", "Settings"):
         from . import pipeline
         return getattr(pipeline, name)
+    if name in ("Answer", "AnswerStream", "VisualTokens"):
+        from . import answer
+        return getattr(answer, name)
     raise AttributeError(name)
 
 
-__all__ = ["Runtime", "Answer", "VisualTokens", "SFEdgeError", "BadInput", "BadBundle", "DoesNotFit",
+__all__ = ["Runtime", "Settings", "Answer", "AnswerStream", "VisualTokens", "SFEdgeError", "BadInput", "BadBundle", "DoesNotFit",
            "BackendUnavailable", "GraphFailed"]

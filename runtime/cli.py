@@ -123,7 +123,7 @@ def _ask(a) -> int:
             timings = dict(ans.timings)
             if i == 0:
                 timings.update({k: video.timings[k] for k in video.timings})
-            out = {**ans.to_dict(), "timings": timings, "frames_used": ans.frames_used}
+            out = {**ans.to_dict(), "timings": timings}
             print(json.dumps(out), flush=True)
         else:
             if len(a.question) > 1:

@@ -26,15 +26,3 @@ class Embeddings:
         ids = np.asarray(ids, dtype=np.int64)
         rows = self.table[ids].astype(np.float32)
         return rows * self.scale[ids, None] if self.scale is not None else rows
-
-    @property
-    def nbytes(self) -> int:
-        return self.table.nbytes + (self.scale.nbytes if self.scale is not None else 0)
-
-
-def quantize_rows(table: np.ndarray):
-    """int8 with a symmetric per-row scale."""
-    scale = np.abs(table).max(axis=1) / 127.0
-    scale[scale == 0] = 1.0
-    q = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
-    return q, scale.astype(np.float32)

@@ -37,6 +37,9 @@ class LanguageModel:
                         else Decoder(root / spec["graph"], spec, max_len, providers, threads, twin and root / twin))
         self.eos = frozenset(manifest["prompt"]["eos_token_ids"])
         self.stop_strings = manifest["prompt"]["stop_strings"]
+        # Whose visual prefix the KV cache holds: (video key, cache length after it). Kept with the cache, so every
+        # runtime sharing this model (a watcher's replanned one) sees the same truth.
+        self.prefix = None
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=special).ids

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .units import human
-from .decoder import kv_bytes_per_token
 from .errors import BadInput, DoesNotFit
-from .tokens import prompt_pooled_count, visual_token_count
+from .tokens import kv_bytes_per_token, visual_tokens
+from .units import human
 
 RUNTIME_BASE = 80_000_000  # interpreter, numpy, OpenCV, ONNX Runtime and tokenizers imported (75 MB measured)
 SESSION_FACTOR = 1.25  # ONNX Runtime holds each graph's weights plus prepacked copies and arena slack
@@ -58,26 +57,16 @@ def _size(manifest: dict, *rels: str) -> int:
 
 def encoder_bytes_per_frame(v: dict) -> int:
     """Peak activations of one frame through the tower: the widest layer (MLP) and the attention scores."""
-    dims = v.get("tower_dims", {})
-    d = dims.get("hidden_size", v["hidden_size"])
-    inter = dims.get("intermediate_size", 4 * d)
-    heads = dims.get("num_heads", max(1, d // 64))
+    dims = v["tower_dims"]
+    d, inter, heads = dims["hidden_size"], dims["intermediate_size"], dims["num_heads"]
     gh, gw = v["patch_grid"]
     n = gh * gw + 1
     return 4 * (n * inter * 2 + heads * n * n * 2 + n * d * 6) + 3 * v["image_size"][0] * v["image_size"][1]
 
 
 def prefill_bytes(llm: dict, chunk: int, context: int) -> int:
-    heads = llm.get("num_heads", llm["num_kv_heads"] * 3)
-    return 4 * chunk * (llm["hidden_size"] * 12 + llm.get("intermediate_size", 4 * llm["hidden_size"]) * 3
-                        + heads * context + llm["vocab_size"] // max(chunk, 1))
-
-
-def visual_tokens(manifest: dict, frames: int, pooling: str) -> int:
-    """Visual tokens for T frames under either pooling: known before any question is asked."""
-    if pooling == "prompt-guided":
-        return prompt_pooled_count(frames, manifest["vision"]["patch_grid"], manifest["prompt_pooling"]["kernel"])
-    return visual_token_count(frames, manifest["aggregator"], manifest["vision"]["patch_grid"])
+    return 4 * chunk * (llm["hidden_size"] * 12 + llm["intermediate_size"] * 3 + llm["num_heads"] * context
+                        + llm["vocab_size"] // max(chunk, 1))
 
 
 def ring_bytes(v: dict, ring_frames: int, queued_frames: int) -> int:
@@ -90,9 +79,10 @@ def ring_bytes(v: dict, ring_frames: int, queued_frames: int) -> int:
 def make_plan(manifest: dict, budget: int | None = None, frames: int | None = None, max_new_tokens: int = 256,
               vision_variant: str | None = None, ring_frames: int = 0, queued_frames: int = 0,
               pooling: str = "slowfast", candidates: int = 0) -> Plan:
-    """`ring_frames` / `queued_frames`: a watcher's feature ring buffer and frame queue (0 for single videos)."""
-    v, agg, llm = manifest["vision"], manifest["aggregator"], manifest["llm"]
-    frames = frames or agg["num_frames"]
+    """The largest encode and prefill chunks that fit `budget`. `ring_frames` / `queued_frames`: a watcher's
+    feature ring buffer and frame queue (0 for single videos)."""
+    v, llm = manifest["vision"], manifest["llm"]
+    frames = frames or manifest["aggregator"]["num_frames"]
     if frames < 1:
         raise BadInput("the frame count must be at least 1")
     if candidates and candidates < frames:
@@ -102,62 +92,97 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
     if variant not in v["graphs"]:
         raise BadInput(f"vision variant {variant!r} is not in this bundle (it has {', '.join(v['graphs'])})")
     visual = visual_tokens(manifest, frames, pooling)
-    context = visual + PROMPT_TOKENS + max_new_tokens
-    if context > llm["max_context"]:
-        room = llm["max_context"] - PROMPT_TOKENS - max_new_tokens
-        fit = next((f for f in range(frames, 0, -1) if visual_tokens(manifest, f, pooling) <= room), 0)
-        raise DoesNotFit(f"{frames} frames give {visual} visual tokens; with the prompt and {max_new_tokens} new "
-                         f"tokens that is {context} tokens, over the model's maximum of {llm['max_context']}: "
-                         f"use at most {fit} frames or fewer new tokens")
-    d = v["hidden_size"]
-    vision_weights = int(_size(manifest, v["graphs"][variant]) * SESSION_FACTOR)
+    context = _context(manifest, frames, visual, max_new_tokens, pooling)
     # An int8-KV bundle's fp32 twin prefills faster but is a second session on the same weights with its own
     # fp32 cache: planned first, dropped when the budget has no room for it.
-    for twin in (True, False) if llm.get("prefill_graph") else (False,):
-        llm_weights = int(_size(manifest, llm["graph"], *llm.get("external_data", [])) * SESSION_FACTOR
-                          * (2 if twin else 1))
-        fixed = {
-            "runtime": RUNTIME_BASE,
-            f"vision weights ({variant})": vision_weights,
-            "aggregator": _size(manifest, agg["graph"]),
-            f"llm weights ({llm['precision']}{', with its prefill twin' if twin else ''})": llm_weights,
-            "embedding table": _size(manifest, *llm["embeddings"]["files"].values()),
-            "tokenizer": 4 * _size(manifest, manifest["tokenizer"]),
-            "kv cache": context * kv_bytes_per_token(llm, resident=twin),
-            "video frames + tokens": frames * (v["image_size"][0] * v["image_size"][1] * 3
-                                               + v["tokens_per_frame"] * d * 4) + visual * d * 4 * 2,
-        }
-        if "clip" in manifest:
-            fixed.update(question_aware_parts(manifest, frames, pooling, candidates))
+    for twin in (True, False) if "prefill_graph" in llm else (False,):
+        fixed = _fixed_parts(manifest, variant, frames, visual, context, twin, pooling, candidates)
         if ring_frames:
             fixed[f"watch: feature ring ({ring_frames} frames) + queue"] = ring_bytes(v, ring_frames, queued_frames)
         for enc in [c for c in ENCODE_CHUNKS if c <= max(frames, 1)] or [1]:
             for pre in PREFILL_CHUNKS:
                 parts = {**fixed, f"encoder activations ({enc} frames)": enc * encoder_bytes_per_frame(v),
                          f"prefill activations ({pre} tokens)": prefill_bytes(llm, pre, context)}
-                sessions = {"vision": vision_weights + enc * encoder_bytes_per_frame(v),
+                sessions = {"vision": _vision_weights(manifest, variant) + enc * encoder_bytes_per_frame(v),
                             "aggregator": fixed["aggregator"] + fixed["video frames + tokens"],
-                            "llm": llm_weights + fixed["kv cache"] + prefill_bytes(llm, pre, context)}
-                plan = Plan(frames, visual, context, max_new_tokens, enc, pre, variant,
-                            llm.get("kv_dtype", "float32"), twin, pooling, candidates, parts=parts, budget=budget,
-                            sessions=sessions)
+                            "llm": (_llm_weights(manifest, twin) + fixed["kv cache"]
+                                    + prefill_bytes(llm, pre, context))}
+                plan = Plan(frames, visual, context, max_new_tokens, enc, pre, variant, llm["kv_dtype"], twin,
+                            pooling, candidates, parts=parts, budget=budget, sessions=sessions)
                 if budget is None or plan.total <= budget:
                     return plan
-    over = plan.total - budget
+    raise DoesNotFit(_advice(manifest, plan, fixed))
+
+
+def replan(manifest: dict, plan: Plan, **changes) -> Plan:
+    """The same settings as `plan` with some changed (a watcher adds its ring buffer), checked against the same
+    budget."""
+    kw = dict(budget=plan.budget, frames=plan.frames, max_new_tokens=plan.max_new_tokens,
+              vision_variant=plan.vision_variant, pooling=plan.pooling, candidates=plan.candidates)
+    return make_plan(manifest, **{**kw, **changes})
+
+
+def _context(manifest: dict, frames: int, visual: int, max_new_tokens: int, pooling: str) -> int:
+    """KV slots: visual tokens + prompt + answer, refused past the model's maximum with the frames that fit."""
+    context = visual + PROMPT_TOKENS + max_new_tokens
+    limit = manifest["llm"]["max_context"]
+    if context > limit:
+        room = limit - PROMPT_TOKENS - max_new_tokens
+        fit = next((f for f in range(frames, 0, -1) if visual_tokens(manifest, f, pooling) <= room), 0)
+        raise DoesNotFit(f"{frames} frames give {visual} visual tokens; with the prompt and {max_new_tokens} new "
+                         f"tokens that is {context} tokens, over the model's maximum of {limit}: "
+                         f"use at most {fit} frames or fewer new tokens")
+    return context
+
+
+def _fixed_parts(manifest: dict, variant: str, frames: int, visual: int, context: int, twin: bool, pooling: str,
+                 candidates: int) -> dict:
+    """Everything but the chunk-dependent activations."""
+    v, agg, llm = manifest["vision"], manifest["aggregator"], manifest["llm"]
+    fixed = {
+        "runtime": RUNTIME_BASE,
+        f"vision weights ({variant})": _vision_weights(manifest, variant),
+        "aggregator": _size(manifest, agg["graph"]),
+        f"llm weights ({llm['precision']}{', with its prefill twin' if twin else ''})": _llm_weights(manifest, twin),
+        "embedding table": _size(manifest, *llm["embeddings"]["files"].values()),
+        "tokenizer": 4 * _size(manifest, manifest["tokenizer"]),
+        "kv cache": context * kv_bytes_per_token(llm, resident=twin),
+        "video frames + tokens": frames * (v["image_size"][0] * v["image_size"][1] * 3
+                                           + v["tokens_per_frame"] * v["hidden_size"] * 4)
+                                 + visual * v["hidden_size"] * 4 * 2,
+    }
+    if "clip" in manifest:
+        fixed.update(question_aware_parts(manifest, frames, pooling, candidates))
+    return fixed
+
+
+def _vision_weights(manifest: dict, variant: str) -> int:
+    return int(_size(manifest, manifest["vision"]["graphs"][variant]) * SESSION_FACTOR)
+
+
+def _llm_weights(manifest: dict, twin: bool) -> int:
+    """The decoder session; the int8-KV bundle's fp32 prefill twin is a second session on the same weights."""
+    llm = manifest["llm"]
+    return int(_size(manifest, llm["graph"], *llm.get("external_data", [])) * SESSION_FACTOR * (2 if twin else 1))
+
+
+def _advice(manifest: dict, plan: Plan, fixed: dict) -> str:
+    """Why the smallest plan does not fit the budget, and what would."""
+    v, agg, llm = manifest["vision"], manifest["aggregator"], manifest["llm"]
+    budget = plan.budget
     biggest = max(fixed, key=fixed.get)
     advice = []
-    if variant != "int8" and "int8" in v["graphs"]:
+    if plan.vision_variant != "int8" and "int8" in v["graphs"]:
         advice.append("the int8 vision graph")
-    if frames > 8:
+    if plan.frames > 8:
         kv_per_frame = kv_bytes_per_token(llm) * agg["fast_grid"][0] * agg["fast_grid"][1]
         advice.append(f"fewer frames (each frame adds {human(kv_per_frame)} of KV cache)")
-    if llm.get("kv_dtype", "float32") != "int8":
+    if llm["kv_dtype"] != "int8":
         advice.append("a bundle exported with --kv-cache int8 (a quarter of the KV bytes)")
     advice.append("a smaller max_new_tokens")
-    raise DoesNotFit(f"the plan needs {human(plan.total)} even at 1-frame encode chunks and {pre}-token prefill: "
-                     f"{human(over)} over the {human(budget)} budget; the largest part is {biggest} "
-                     f"({human(fixed[biggest])}); try {', or '.join(advice)}, or a budget of at least "
-                     f"{human(plan.total)}")
+    return (f"the plan needs {human(plan.total)} even at 1-frame encode chunks and {plan.prefill_chunk}-token "
+            f"prefill: {human(plan.total - budget)} over the {human(budget)} budget; the largest part is {biggest} "
+            f"({human(fixed[biggest])}); try {', or '.join(advice)}, or a budget of at least {human(plan.total)}")
 
 
 def question_aware_parts(manifest: dict, frames: int, pooling: str, candidates: int) -> dict:

@@ -24,10 +24,9 @@ import numpy as np
 
 from .clip_text import ClipText
 from .errors import BadBundle, BadInput
-from .planner import visual_tokens
 from .selection import ClipScorer, FrameScorer, nms_select
 from .sessions import Graph
-from .tokens import slow_indices
+from .tokens import slow_indices, visual_tokens
 from .video import sample_indices
 
 SELECTIONS = ("uniform", "clip")
@@ -53,6 +52,8 @@ def check_modes(root: Path, manifest: dict, selection: str, pooling: str, candid
     if (selection, pooling) != ("uniform", "slowfast") and "clip" not in manifest:
         raise BadBundle(f"{root}: this bundle has no CLIP text side, so it cannot do {selection} frame selection "
                         f"with {pooling} pooling; export it with sf-export --clip CLIP_DIR")
+    if pooling == "prompt-guided" and "prompt_pooling" not in manifest:
+        raise BadBundle(f"{root}: this bundle has no prompt_pooling graph; export it with sf-export --clip CLIP_DIR")
     if selection == "clip" and candidates < 1:
         raise BadInput(f"{candidates} candidates: frame selection needs at least one")
 
@@ -63,12 +64,13 @@ class QuestionAware:
         self.manifest, self.plan, self.selection, self.pooling = manifest, plan, selection, pooling
         self.text = ClipText(root, manifest["clip"], providers, threads)
         self.scorer = scorer or ClipScorer(self.text)
-        spec = manifest.get("prompt_pooling", {})
-        self.temperature = np.array(spec.get("temperature", 0.01) if temperature is None else temperature,
-                                    np.float32)
-        if self.temperature <= 0:
-            raise BadInput("the pooling temperature must be positive")
-        self.pooler = Graph(root / spec["graph"], providers, threads) if pooling == "prompt-guided" else None
+        self.pooler = self.temperature = None
+        if pooling == "prompt-guided":
+            spec = manifest["prompt_pooling"]
+            self.temperature = np.array(spec["temperature"] if temperature is None else temperature, np.float32)
+            if self.temperature <= 0:
+                raise BadInput("the pooling temperature must be positive")
+            self.pooler = Graph(root / spec["graph"], providers, threads)
         self._cache: OrderedDict = OrderedDict()
 
     def decode_count(self, frames: int) -> int:

@@ -53,10 +53,6 @@ class Rule:
         text = answer.lower()
         return any(re.search(rf"\b{re.escape(k.lower())}\b", text) for k in self.keywords)
 
-    def to_dict(self) -> dict:
-        return {"name": self.name, "question": self.question, "every": self.every, "window": self.window,
-                "regex": self.regex.pattern if self.regex else None, "keywords": list(self.keywords)}
-
 
 def make_rule(spec, index: int, where: str) -> Rule:
     here = f"{where}: rule {index + 1}"
@@ -120,6 +116,13 @@ def load_rules(path) -> list[Rule]:
     if not isinstance(data, list) or not data:
         raise BadInput(f"{path}: expected a non-empty list of rules (question, every, window, optional trigger)")
     return check_names([make_rule(spec, i, str(path)) for i, spec in enumerate(data)], str(path))
+
+
+def as_rules(rules) -> list[Rule]:
+    """A YAML file, or a list of Rule objects or dicts (question, every, window, optional name and trigger)."""
+    if isinstance(rules, (str, Path)):
+        return load_rules(rules)
+    return check_names([r if isinstance(r, Rule) else make_rule(r, i, "rules") for i, r in enumerate(rules)], "rules")
 
 
 def rules_from_args(questions: list[str], every: list[str], window: list[str], triggers: list[str] | None = None

@@ -110,14 +110,20 @@ class Graph:
         return dict(zip([o.name for o in self.session.get_outputs()], self.run_all(feeds)))
 
 
-def open_graph(role: str, onnx_path: Path, provider_list: list, threads: int | None, engine=None):
-    """A graph of the bundle on its device: a TensorRT engine when `engine` (from `engines.choose`) names one, else
-    the ONNX graph. Returns the graph and a note for sf-run when the device asked for is not what runs."""
-    if engine is not None:
-        from .engines import EngineRunner
-        return EngineRunner(engine), None
-    graph = Graph(onnx_path, provider_list, threads)
+def open_graph(role: str, root: Path, onnx_rel: str, provider_list: list, threads: int | None,
+               engines: list | None = None, need_frames: int = 0) -> tuple:
+    """One of the bundle's graphs on its device, and a note for sf-run when what runs is not what was asked for.
+    `engines` (the manifest's TensorRT engines, on the tensorrt device only): a matching engine runs instead of the
+    ONNX graph; the note says which, or why none does."""
+    from . import engines as trt
+
+    note = None
+    if engines is not None:
+        entry, note = trt.choose(engines, role, trt.device_info(), root, need_frames)
+        if entry:
+            return trt.EngineRunner(root / entry["file"]), note
+    graph = Graph(root / onnx_rel, provider_list, threads)
     wanted = provider_name(provider_list[0])
-    note = (f"{role}: ONNX Runtime could not start {wanted} and runs {Path(onnx_path).name} on {graph.provider}"
-            if graph.provider != wanted else None)
+    if graph.provider != wanted:
+        note = f"{role}: ONNX Runtime could not start {wanted} and runs {Path(onnx_rel).name} on {graph.provider}"
     return graph, note

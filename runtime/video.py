@@ -31,7 +31,6 @@ class Frames:
     pixels: np.ndarray  # [F, H, W, 3] uint8 RGB at the tower's size
     indices: np.ndarray  # which frames of the source they are
     total_frames: int
-    fps: float
     method: str  # "seek", "scan" (sequential read) or "image"
     notes: list = field(default_factory=list)
 
@@ -73,7 +72,6 @@ def read_frames(video: str | Path, num_frames: int, size: tuple[int, int]) -> Fr
         w, h = cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)
         if w * h > MAX_PIXELS:
             raise BadInput(f"{path}: frames of {int(w)}x{int(h)} are too large to decode safely")
-        fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
         frames = None
         notes = []
@@ -98,7 +96,7 @@ def read_frames(video: str | Path, num_frames: int, size: tuple[int, int]) -> Fr
             method = "scan"
         if frames is None or len(frames) == 0:
             raise BadInput(f"{path}: no frame could be decoded (zero-length, truncated or corrupt video)")
-        return Frames(np.stack(frames), np.asarray(idx[:len(frames)]), count, fps, method, notes)
+        return Frames(np.stack(frames), np.asarray(idx[:len(frames)]), count, method, notes)
     finally:
         cap.release()
 
@@ -107,7 +105,7 @@ def _read_image(path: Path, size) -> Frames:
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise BadInput(f"{path}: not an image OpenCV can read (corrupt or unsupported)")
-    return Frames(squash(img, size)[None], np.array([0]), 1, 0.0, "image")
+    return Frames(squash(img, size)[None], np.array([0]), 1, "image")
 
 
 def _read_by_seeking(cap, idx, size):

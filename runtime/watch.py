@@ -30,8 +30,7 @@ import numpy as np
 
 from .errors import BadInput, SourceLost
 from .memory import current_rss
-from .pipeline import VisualTokens
-from .planner import make_plan
+from .answer import VisualTokens
 from .rules import Rule, check_names
 from .video import sample_indices, squash
 
@@ -243,13 +242,13 @@ class Watcher:
         if rt.qa is not None:
             raise BadInput("the watcher asks on uniform SlowFast tokens of each window; load the runtime without "
                            "frame_selection / pooling for a watch")
-        self.rt, self.rules, self.max_new_tokens = rt, rules, max_new_tokens
+        self.rules, self.max_new_tokens = rules, max_new_tokens
         self.source = source if isinstance(source, Source) else Source(source)
         longest = max(r.window for r in rules)
         # The ring holds the longest window back from a due time that may lag the newest frame by one encode batch.
         capacity = math.ceil(longest * sample_fps) + rt.plan.encode_chunk + 1
-        rt.plan = make_plan(rt.manifest, rt.plan.budget, rt.plan.frames, rt.plan.max_new_tokens,
-                            rt.plan.vision_variant, ring_frames=capacity, queued_frames=QUEUE_FRAMES)
+        # Our own view of the runtime, planned with the ring and queue: the caller's runtime keeps its plan.
+        self.rt = rt.replanned(ring_frames=capacity, queued_frames=QUEUE_FRAMES)
         v = rt.manifest["vision"]
         self.ring = FeatureRing(capacity, (v["tokens_per_frame"], v["hidden_size"]))
         self.feed = FrameFeed(self.source, rt.size, sample_fps, realtime, max_outage)
@@ -345,7 +344,7 @@ class Watcher:
             tokens = self.rt.aggregate(self.ring.features[slots])
             aggregate = time.perf_counter() - t0
             times = [round(float(t), 3) for t in self.ring.times[slots]]
-            vt = VisualTokens(tokens, times, len(times), self.source.label, "stream", {"aggregate": aggregate})
+            vt = VisualTokens(tokens, times, len(times), "stream", {"aggregate": aggregate})
             self._windows[key] = vt
         ans = self.rt.ask(vt, rule.question, max_new_tokens=self.max_new_tokens)
         latest_arrival = float(self.ring.arrivals[slots[-1]])
