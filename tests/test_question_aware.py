@@ -1,10 +1,11 @@
 """Question-aware visual tokens: NMS frame selection (Hu et al.), PPLLaVA's prompt-guided pooling, the CLIP side of
 the export, and both end to end on tiny random LLaVA + CLIP checkpoints.
 
-No CLIP tokenizer files are reachable here, so the tiny CLIP text towers (`demo.build_clip_checkpoint`) use the real
+No CLIP tokenizer files are reachable here, so the tiny CLIP text towers (`checkpoints.tiny_clip`) use the real
 SmolLM2 tokenizer (vocabulary sized to it), given CLIP's template: a start token before the text and an end token
 after it."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -125,12 +126,12 @@ def make_clip(tmp_path_factory):
     """make_clip(llava_ckpt, kind, perturb) -> a tiny CLIPModel / SiglipModel folder whose vision tower is the
     LLaVA checkpoint's (unless perturb: one weight changed)."""
     import transformers
-    from sfedge.export.demo import build_clip_checkpoint
+    from checkpoints import tiny_clip
 
     def make(llava_ckpt, kind="clip", perturb=False):
         out = tmp_path_factory.getbasetemp() / "clips" / f"{llava_ckpt.name}-{kind}-{perturb}"
         if not out.exists():
-            build_clip_checkpoint(llava_ckpt, out, kind)
+            tiny_clip(llava_ckpt, out, kind)
             if perturb:
                 model = transformers.CLIPModel.from_pretrained(out)
                 with torch.no_grad():
@@ -186,7 +187,7 @@ def clip_bundle(make_checkpoint, make_clip, tmp_path_factory):
     return out, ckpt, m
 
 
-def test_export_writes_a_checked_clip_side(clip_bundle):
+def test_export_writes_a_checked_clip_side(clip_bundle, tmp_path):
     from sfedge.runtime import manifest as manifest_io
 
     out, _, m = clip_bundle
@@ -198,12 +199,10 @@ def test_export_writes_a_checked_clip_side(clip_bundle):
                  "aggregator.selected", "prompt_pooling.T5"):
         assert fid[name]["passed"], name
     assert fid["vision.fp32.clip_patches"]["rel_max_abs_error"] <= 1e-4 and fid["all_passed"]
-    (out / c["tokenizer"]).write_bytes((out / c["tokenizer"]).read_bytes() + b" ")  # tampered: refused
-    try:
-        with pytest.raises(BadBundle, match="clip_tokenizer.json: size"):
-            manifest_io.load(out)
-    finally:
-        (out / c["tokenizer"]).write_bytes((out / c["tokenizer"]).read_bytes()[:-1])
+    copy = shutil.copytree(out, tmp_path / "bundle")  # the module's bundle stays untouched for the other tests
+    (copy / c["tokenizer"]).write_bytes((copy / c["tokenizer"]).read_bytes() + b" ")  # tampered: refused
+    with pytest.raises(BadBundle, match="clip_tokenizer.json: size"):
+        manifest_io.load(copy)
 
 
 @pytest.fixture(scope="module")
@@ -338,10 +337,10 @@ def test_siglip_side_end_to_end(make_checkpoint, make_clip, tmp_path):
 
 
 def test_bench_worker_measures_each_mode(clip_bundle):
-    from sfedge.export import bench
+    from sfedge.bench import workers
 
     for mode in ("slowfast", "clip+prompt-guided"):
-        res = bench.worker_question_aware(clip_bundle[0], "demo", mode)
+        res = workers.question_aware(clip_bundle[0], "demo", mode)
         assert res["per_question_s"] >= res["prefill_s"] > 0 and res["encode_s"] > 0
         assert res["frames_encoded"] == (128 if mode.startswith("clip") else 8)
     assert res["question_s"] > 0 and res["visual_tokens"] == 16

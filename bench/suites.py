@@ -1,0 +1,167 @@
+"""The suites: each lists its jobs, `collect` runs them round-robin for every repeat (backends alternate within a
+repeat), and the suite turns the runs into medians, ranges and ratios against the reference."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from sfedge.runtime.errors import BackendUnavailable
+
+from . import spawn
+from .probe import read_bandwidth
+from .stats import peak_mb, ratio, summarize
+from .workloads import CACHE, QA_MODES, bikes_video
+
+SHORT, VISUAL, QUESTION = 30, 3680, 30
+LLM_BACKENDS = ("ours", "transformers-fp32", "bnb-nf4", "llama.cpp Q4_0", "llama.cpp Q4_K_M")
+VISION_BACKENDS = ("pytorch", "fp32", "fp16", "int8")
+SCALE_FRAMES = (8, 16, 32, 50, 100, 200)
+SCALE_STAGES = ("decode", "encode", "aggregate", "prefill", "generate")
+QA_KEYS = ("decode_s", "encode_s", "question_s", "aggregate_s", "prefill_s", "per_question_s")
+
+
+class Job(NamedTuple):
+    name: str  # its runs are collected under this name
+    worker: str  # a name in workers.WORKERS
+    args: dict
+    group: str | None = None  # a failure skips the group's other jobs too (default: the job alone)
+
+
+def collect(suite: str, jobs: list[Job], repeats: int, log, required: bool = False) -> tuple[dict, dict]:
+    """({job name: [result per repeat]}, {skipped group: reason}). A failed worker skips its group for the rest
+    of the suite, or, when the suite cannot go on without it (`required`), ends it with the reason."""
+    runs, skipped = {j.name: [] for j in jobs}, {}
+    for r in range(repeats):
+        for job in jobs:
+            group = job.group or job.name
+            if group in skipped:
+                continue
+            log(f"{suite} repeat {r + 1}/{repeats}: {job.name}")
+            try:
+                runs[job.name].append(spawn.run(job.worker, job.args))
+            except spawn.WorkerFailed as e:
+                if required:
+                    raise BackendUnavailable(f"{suite} {job.name} failed: {e}") from None
+                skipped[group] = str(e)
+                log(f"  skipped {group}: {e}")
+    return runs, skipped
+
+
+def _llm_job(backend: str, bundle: Path, ckpt: Path, n: int) -> Job:
+    name = f"{backend} @ {n}"
+    if backend == "ours":
+        return Job(name, "llm_ours", {"bundle": bundle, "context": n}, backend)
+    if backend.startswith("llama.cpp"):
+        return Job(name, "llm_llamacpp", {"quant": backend.split()[-1], "context": n}, backend)
+    return Job(name, "llm_torch", {"backend": backend, "checkpoint": ckpt, "context": n}, backend)
+
+
+def llm(bundle: Path, ckpt: Path, repeats: int, log) -> dict:
+    """Prefill and decode at a short and a video-length context, with the memory-bandwidth ceiling of a step."""
+    from sfedge.runtime import manifest
+    from sfedge.runtime.tokens import kv_bytes_per_token
+
+    contexts = (SHORT, VISUAL + QUESTION)
+    runs, skipped = collect("llm", [_llm_job(b, bundle, ckpt, n) for n in contexts for b in LLM_BACKENDS],
+                            repeats, log)
+    m = manifest.load(bundle)
+    files = [m["llm"]["graph"], *m["llm"].get("external_data", [])]
+    weight_bytes = sum(m["artifacts"][f]["size"] for f in files)
+    bw = read_bandwidth()
+    table = {}
+    for n in contexts:
+        ref = runs[f"transformers-fp32 @ {n}"]
+        ref_p, ref_d = summarize([x["prefill_s"] for x in ref]), summarize([x["decode_tok_s"] for x in ref])
+        step_bytes = weight_bytes + kv_bytes_per_token(m["llm"]) * n
+        ceiling = bw / step_bytes
+        for b in LLM_BACKENDS:
+            got = runs[f"{b} @ {n}"]
+            if not got:
+                continue
+            p, d = summarize([x["prefill_s"] for x in got]), summarize([x["decode_tok_s"] for x in got])
+            table[f"{b} @ {n}"] = {"prefill_s": p, "decode_tok_s": d, "peak_mb": peak_mb(got),
+                                   "prefill_speedup": ratio(p, ref_p, False), "decode_speedup": ratio(d, ref_d, True),
+                                   "decode_vs_ceiling": d["median"] / ceiling if b == "ours" else None}
+        table[f"ceiling @ {n}"] = {"decode_tok_s": {"median": ceiling}, "bytes_per_token": step_bytes,
+                                   "read_bandwidth_gb_s": bw / 1e9}
+    return {"results": table, "skipped": skipped}
+
+
+def e2e(bundle: Path, ckpt: Path, repeats: int, log, video: str = "demo", frames: int = 50) -> dict:
+    """A question about a real video, then a follow-up, against the reference pipeline."""
+    args = {"bundle": bundle, "video": video, "frames": frames}
+    runs, _ = collect("e2e", [Job("ours", "e2e_ours", args),
+                              Job("reference", "e2e_reference", {**args, "checkpoint": ckpt})],
+                      repeats, log, required=True)
+    out = {}
+    for b, got in runs.items():
+        out[b] = {f"{q}_{k}": summarize([x[q][k] for x in got]) for q in ("first", "follow_up")
+                  for k in ("ttft_s", "total_s", "tokens")}
+        out[b]["peak_mb"] = peak_mb(got)
+    o, ref = out["ours"], out["reference"]
+    out["speedup"] = {k: ratio(o[k], ref[k], False) for k in o if k.endswith("_s")}
+    out["memory_ratio"] = o["peak_mb"]["median"] / ref["peak_mb"]["median"]
+    return out
+
+
+def vision(bundle: Path, ckpt: Path, repeats: int, log, video: str = "demo", frames: int = 32) -> dict:
+    """Frames per second of each vision graph against PyTorch eager, and the lowest per-frame cosine to it."""
+    args = {"bundle": bundle, "video": video, "frames": frames}
+    jobs = [Job("pytorch", "vision_pytorch", {**args, "checkpoint": ckpt}),
+            *(Job(b, "vision_ours", {**args, "variant": b}) for b in VISION_BACKENDS[1:])]
+    runs, skipped = collect("vision", jobs, repeats, log)
+    want = np.load(CACHE / "vision-pytorch.npy").reshape(frames, -1)
+    ref = summarize([x["fps"] for x in runs["pytorch"]])
+    out = {}
+    for b, got in runs.items():
+        if not got:
+            continue
+        f = summarize([x["fps"] for x in got])
+        have = np.load(CACHE / f"vision-{b}.npy").reshape(frames, -1).astype(np.float64)
+        cos = (have * want).sum(1) / (np.linalg.norm(have, axis=1) * np.linalg.norm(want, axis=1))
+        out[b] = {"fps": f, "speedup": ratio(f, ref, True), "min_cosine": float(cos.min()), "peak_mb": peak_mb(got)}
+    return {"results": out, "skipped": skipped}
+
+
+def scale(bundle: Path, ckpt: Path, repeats: int, log, video: str = "bikes") -> dict:
+    """The cost of each stage of our path as the frame count (and so the context) grows."""
+    source = bikes_video() if video == "bikes" else video
+    jobs = [Job(f"{n} frames", "scale", {"bundle": bundle, "video": source, "frames": n}) for n in SCALE_FRAMES]
+    runs, skipped = collect("scale", jobs, repeats, log)
+    out = {name: {**{f"{k}_s": summarize([x[k] for x in got]) for k in SCALE_STAGES},
+                  "visual_tokens": got[0]["visual_tokens"],
+                  "per_token_s": summarize([x["per_token_s"] for x in got]), "peak_mb": peak_mb(got)}
+           for name, got in runs.items() if got}
+    return {"results": out, "skipped": skipped}
+
+
+def watch(bundle: Path, ckpt: Path, repeats: int, log, minutes: int = 10) -> dict:
+    """Standing questions over looped real footage, against answering each question from scratch."""
+    runs, _ = collect("watch", [Job("ours", "watch_ours", {"bundle": bundle, "minutes": minutes}),
+                                Job("from scratch", "watch_from_scratch", {"bundle": bundle})],
+                      repeats, log, required=True)
+    out = {}
+    for b, got in runs.items():
+        out[b] = {k: summarize([x[k] for x in got]) for k in got[0] if k != "peak_rss"}
+        out[b]["peak_mb"] = peak_mb(got)
+    out["speedup"] = {k: ratio(out["ours"][k], out["from scratch"][k], False) for k in ("first_s", "second_s")}
+    return out
+
+
+def question_aware(bundle: Path, ckpt: Path, repeats: int, log, video: str = "demo") -> dict:
+    """Per-question cost of CLIP frame selection and prompt-guided pooling against plain SlowFast."""
+    jobs = [Job(mode, "question_aware", {"bundle": bundle, "video": video, "mode": mode}) for mode in QA_MODES]
+    runs, _ = collect("question-aware", jobs, repeats, log, required=True)
+    out = {mode: {**{k: summarize([x[k] for x in got]) for k in QA_KEYS},
+                  "frames_encoded": got[0]["frames_encoded"], "visual_tokens": got[0]["visual_tokens"],
+                  "peak_mb": peak_mb(got)}
+           for mode, got in runs.items()}
+    base = out["slowfast"]["per_question_s"]["median"]
+    for mode in out:
+        out[mode]["overhead_per_question_s"] = out[mode]["per_question_s"]["median"] - base
+    return {"results": out}
+
+
+SUITES = {"llm": llm, "e2e": e2e, "vision": vision, "scale": scale, "watch": watch, "question-aware": question_aware}
