@@ -1,5 +1,5 @@
 """Calibration data for export: chat prompts and English prose for the language model, frames from videos for the
-vision graph's static int8 quantization. Videos are read through the runtime's decoder."""
+vision graph's fidelity checks (`frames`). Videos are read through the runtime's decoder."""
 from __future__ import annotations
 
 from importlib.resources import files

@@ -1,4 +1,4 @@
-"""Frames for calibration and fidelity checks, read through the runtime's decoder."""
+"""Frames for the export's fidelity checks, read through the runtime's decoder."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,13 +22,3 @@ def sample_frames(videos, size, count: int = 8) -> np.ndarray:
     frames = np.concatenate([read_frames(v, per, size).pixels for v in sources])
     return frames[:count]
 
-
-class FrameReader:
-    """onnxruntime.quantization CalibrationDataReader over video frames, a few frames per batch."""
-
-    def __init__(self, videos, size, frames_per_video: int = 16, batch: int = 4):
-        frames = np.concatenate([read_frames(v, frames_per_video, size).pixels for v in videos])
-        self._batches = iter([{"frames": frames[i:i + batch]} for i in range(0, len(frames), batch)])
-
-    def get_next(self):
-        return next(self._batches, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -16,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sfedge import calibration
 from sfedge.calibration.frames import sample_frames
 from sfedge.runtime import manifest as manifest_schema
 from sfedge.runtime.errors import BadInput, ExportFailed, LowFidelity
+from sfedge.runtime.prompt import eos_ids, spec_from_tokenizer
 from sfedge.runtime.tokens import slow_indices, visual_token_count
 
 from . import checkpoint as ckpt_io
-from . import clip, fidelity, graphs, llm, llm_fidelity
+from . import clip, fidelity, graphs, llm, llm_fidelity, nf4
 from .aggregator import POOLS, reference_tokens
-from .prompt_spec import eos_ids, prompt_spec
+from .calibration_reader import FrameReader
 from .vision import reference_features
 
 VISION_VARIANTS = ("fp32", "fp16", "int8")
@@ -80,8 +81,7 @@ class Log:
 
     def __call__(self, msg: str):
         if not self.quiet:
-            print(f"[sf-export {time.perf_counter() - self.t0:6.1f}s] {msg}", file=__import__("sys").stderr,
-                  flush=True)
+            print(f"[sf-export {time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def export(checkpoint_dir, out_dir, opts: Options, log=None) -> dict:
@@ -122,7 +122,6 @@ def quiet_libraries():
 
     import transformers
 
-
     transformers.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs advice on the root logger
@@ -139,98 +138,130 @@ def _replace(staging: Path, out: Path):
 
 
 def _build(ckpt, bundle: Path, work: Path, opts: Options, log, side=None) -> dict:
-    vision = dict(ckpt.vision)
-    agg = {"graph": "aggregator.onnx", "num_frames": opts.num_frames, "slow_frames": opts.slow_frames,
-           "slow_pool": opts.slow_pool, "fast_grid": list(opts.fast_grid)}
-    report = {}
-    frames = sample_frames(opts.calibration_videos, tuple(vision["image_size"]), count=8)
+    """The stages in order, each writing its graphs and returning its manifest section(s) and its checks'
+    verdicts; one gate over every verdict, then the manifest."""
+    frames = sample_frames(opts.calibration_videos, tuple(ckpt.vision["image_size"]), count=8)
     with torch.no_grad():
-        ref = reference_features(ckpt.model, vision, torch.from_numpy(frames)).numpy()
-    clip_ref = side and clip.reference_outputs(side, ckpt.model, vision, torch.from_numpy(frames))
+        features = reference_features(ckpt.model, ckpt.vision, torch.from_numpy(frames)).numpy()
+    vision, report = _vision(ckpt, bundle, frames, features, opts, side, log)
+    agg, checks = _aggregator(vision, bundle, opts, side, log)
+    report.update(checks)
+    extra = {}
+    if side:
+        extra, checks = clip.export_question_side(side, vision, bundle, work, opts.pooling_kernel,
+                                                  opts.pooling_temperature, log)
+        report.update(checks)
+    visual = _slowfast_reference(features, vision, agg)
+    lm, llm_spec, prompt, checks = _language_model(ckpt, bundle, work, opts, visual, log)
+    report.update(checks)
+    if opts.nf4:
+        extra["llm_nf4"], report["llm_nf4"] = _nf4(lm, ckpt.tokenizer, bundle, work, opts, report["llm"], log)
+    _gate(report, opts.allow_low_fidelity)
+    return _manifest(bundle, ckpt, opts, {"vision": vision, "aggregator": agg, "llm": llm_spec, "prompt": prompt,
+                                          "fidelity": report, **extra})
 
+
+def _vision(ckpt, bundle: Path, frames: np.ndarray, features: np.ndarray, opts: Options, side,
+            log) -> tuple[dict, dict]:
+    """The vision tower + projector traced (with the CLIP-space head riding along when there is a CLIP side, so
+    frames are encoded once), its fp16 and int8 variants, and each checked against PyTorch on `frames`."""
+    vision = dict(ckpt.vision)
     log(f"tracing the vision tower + projector ({vision['tower']}, {vision['patch_grid'][0]}x"
         f"{vision['patch_grid'][1]} grid) to ONNX")
-    vision["graphs"] = {"fp32": "vision.fp32.onnx"}
-    if side:  # the CLIP-space head rides along: frames are encoded once
-        clip.export_vision(ckpt.model, vision, side, bundle / "vision.fp32.onnx", torch.from_numpy(frames[:2]))
+    fp32 = bundle / "vision.fp32.onnx"
+    vision["graphs"] = {"fp32": fp32.name}
+    if side:
+        clip.export_vision(ckpt.model, vision, side, fp32, torch.from_numpy(frames[:2]))
     else:
-        graphs.export_vision(ckpt.model, vision, bundle / "vision.fp32.onnx", torch.from_numpy(frames[:2]))
+        graphs.export_vision(ckpt.model, vision, fp32, torch.from_numpy(frames[:2]))
     if "fp16" in opts.vision_variants:
         log("converting the vision graph to fp16")
-        graphs.convert_fp16(bundle / "vision.fp32.onnx", bundle / "vision.fp16.onnx")
-        vision["graphs"]["fp16"] = "vision.fp16.onnx"
+        vision["graphs"]["fp16"] = graphs.convert_fp16(fp32, bundle / "vision.fp16.onnx").name
     if "int8" in opts.vision_variants:
-        if opts.calibration_videos:
-            log(f"static int8 (QDQ) quantization, calibrated on {len(opts.calibration_videos)} video(s)")
-            from sfedge.calibration.frames import FrameReader
-            graphs.quantize_int8_static(bundle / "vision.fp32.onnx", bundle / "vision.int8.onnx",
-                                        FrameReader(opts.calibration_videos, tuple(vision["image_size"])))
-            method = "static QDQ"
-        else:
-            log("dynamic int8 quantization of the vision graph")
-            graphs.quantize_int8_dynamic(bundle / "vision.fp32.onnx", bundle / "vision.int8.onnx")
-            method = "dynamic"
         vision["graphs"]["int8"] = "vision.int8.onnx"
-        vision["int8_method"] = method
+        vision["int8_method"] = _vision_int8(fp32, bundle / "vision.int8.onnx", vision, opts, log)
+    clip_ref = side and clip.reference_outputs(side, ckpt.model, ckpt.vision, torch.from_numpy(frames))
+    report = {}
     for precision, rel in vision["graphs"].items():
         out = graphs.run_graph(bundle / rel, {"frames": frames})
-        report[f"vision.{precision}"] = fidelity.verdict(fidelity.compare(ref, out), precision)
+        report[f"vision.{precision}"] = fidelity.verdict(fidelity.compare(features, out), precision)
         if side:
             report.update(clip.vision_fidelity(bundle / rel, frames, clip_ref, precision))
+    return vision, report
 
+
+def _vision_int8(fp32: Path, dst: Path, vision: dict, opts: Options, log) -> str:
+    """Static QDQ when there are calibration videos, dynamic otherwise; returns the method for the manifest."""
+    if opts.calibration_videos:
+        log(f"static int8 (QDQ) quantization, calibrated on {len(opts.calibration_videos)} video(s)")
+        graphs.quantize_int8_static(fp32, dst, FrameReader(opts.calibration_videos, tuple(vision["image_size"])))
+        return "static QDQ"
+    log("dynamic int8 quantization of the vision graph")
+    graphs.quantize_int8_dynamic(fp32, dst)
+    return "dynamic"
+
+
+def _aggregator(vision: dict, bundle: Path, opts: Options, side, log) -> tuple[dict, dict]:
+    """The SlowFast aggregator traced and checked against its plain statement on random features, at T, T/3 and
+    one frame; with a CLIP side also on frames chosen among candidates (any slow frames, a subset as fast)."""
+    agg = {"graph": "aggregator.onnx", "num_frames": opts.num_frames, "slow_frames": opts.slow_frames,
+           "slow_pool": opts.slow_pool, "fast_grid": list(opts.fast_grid)}
     log("tracing the SlowFast aggregator to ONNX")
-    graphs.export_aggregator(vision, agg, bundle / agg["graph"])
-    skip = int(vision["has_cls_token"])
+    path = graphs.export_aggregator(vision, agg, bundle / agg["graph"])
     feats = np.random.default_rng(0).standard_normal(
         (opts.num_frames, vision["tokens_per_frame"], vision["hidden_size"])).astype(np.float32)
+    report = {}
     for t in sorted({opts.num_frames, max(1, opts.num_frames // 3), 1}):
-        ref_tokens = reference_tokens(torch.from_numpy(feats[:t]), opts.slow_frames, vision["patch_grid"], skip,
-                                      opts.slow_pool, opts.fast_grid).numpy()
-        got = graphs.run_graph(bundle / agg["graph"], {"features": feats[:t], "fast_index": np.arange(t),
-                                                        "slow_index": slow_indices(t, opts.slow_frames)})
-        report[f"aggregator.T{t}"] = fidelity.verdict(fidelity.compare(ref_tokens, got), "fp32")
-    if side:  # frames chosen among candidates: any slow frames, a subset as the fast pathway
+        want = _slowfast_reference(feats[:t], vision, agg)
+        got = graphs.run_graph(path, {"features": feats[:t], "fast_index": np.arange(t),
+                                      "slow_index": slow_indices(t, opts.slow_frames)})
+        report[f"aggregator.T{t}"] = fidelity.verdict(fidelity.compare(want, got), "fp32")
+    if side:
         slow, fast = selected_pathways(opts.num_frames, opts.slow_frames)
         want = selected_reference(torch.from_numpy(feats), slow, fast, vision, agg)
-        got = graphs.run_graph(bundle / agg["graph"], {"features": feats, "slow_index": slow, "fast_index": fast})
+        got = graphs.run_graph(path, {"features": feats, "slow_index": slow, "fast_index": fast})
         report["aggregator.selected"] = fidelity.verdict(fidelity.compare(want, got), "fp32")
+    return agg, report
 
-    # Real visual tokens in front of a question: int4 (and int8 KV) error on them is what text-only checks miss.
+
+def _slowfast_reference(features: np.ndarray, vision: dict, agg: dict) -> np.ndarray:
+    """The aggregator's tokens for `features` [T, N, D], the PyTorch way."""
     with torch.no_grad():
-        visual = reference_tokens(torch.from_numpy(ref), opts.slow_frames, vision["patch_grid"], skip,
-                                  opts.slow_pool, opts.fast_grid).numpy()
-    question_side = side and clip.export_question_side(side, vision, bundle, work, opts.pooling_kernel,
-                                                       opts.pooling_temperature, report, log)
+        return reference_tokens(torch.from_numpy(features), agg["slow_frames"], vision["patch_grid"],
+                                int(vision["has_cls_token"]), agg["slow_pool"], agg["fast_grid"]).numpy()
+
+
+def _language_model(ckpt, bundle: Path, work: Path, opts: Options, visual: np.ndarray, log):
+    """The decoder, its embeddings, tokenizer and prompt section, measured against PyTorch with the calibration
+    frames' real visual tokens in front of a question: int4 (and int8 KV) error on them is what text-only checks
+    miss. Returns the PyTorch language model (for nf4), the llm and prompt sections and the verdict."""
     log(f"language model: {ckpt.language_model_type}, {opts.llm_precision}")
     lm = llm.language_model(ckpt.model)
     llm_spec = llm.write_llm(lm, ckpt.tokenizer, bundle, work, precision=opts.llm_precision,
                              block_size=opts.block_size, scheme=opts.llm_quant, embed_dtype=opts.embeddings,
                              kv_cache=opts.kv_cache, visual_tokens=visual, log=log)
-    prompt = prompt_spec(ckpt.tokenizer, vision["image_token"], eos_ids(ckpt.model, ckpt.tokenizer))
-    tok_dir = work / "tokenizer"
-    ckpt.tokenizer.save_pretrained(tok_dir)
-    shutil.copy(tok_dir / "tokenizer.json", bundle / "tokenizer.json")
-
+    prompt = spec_from_tokenizer(ckpt.tokenizer, eos_ids(ckpt.model, ckpt.tokenizer))
+    ckpt.tokenizer.save_pretrained(work / "tokenizer")
+    shutil.copy(work / "tokenizer" / "tokenizer.json", bundle / "tokenizer.json")
     figures = llm_fidelity.measure(lm, ckpt.tokenizer, bundle, llm_spec, prompt,
                                    text_tokens=opts.fidelity_text_tokens, visual_tokens=visual, log=log)
-    report["llm"] = llm_fidelity.verdict(figures, opts.llm_precision)
-    nf4_section = None
-    if opts.nf4:
-        from . import nf4
+    return lm, llm_spec, prompt, {"llm": llm_fidelity.verdict(figures, opts.llm_precision)}
 
-        log("quantizing the language model to bitsandbytes nf4 (the PyTorch hosts' backend)")
-        nf4_section = nf4.write_nf4(lm, bundle, work)
-        ids = np.array(ckpt.tokenizer(calibration.english_text(), add_special_tokens=False)["input_ids"]
-                       [:opts.fidelity_text_tokens])
-        ppl = nf4.perplexity(bundle, ids)
-        ref = report["llm"]["perplexity"]["reference"]
-        report["llm_nf4"] = {"perplexity": {"exported": ppl, "reference": ref, "ratio": ppl / ref},
-                             "threshold": f"perplexity <= {llm_fidelity.MAX_PPL_RATIO}x PyTorch's",
-                             "measured": f"perplexity {ppl / ref:.3f}x",
-                             "passed": ppl / ref <= llm_fidelity.MAX_PPL_RATIO}
 
+def _nf4(lm, tokenizer, bundle: Path, work: Path, opts: Options, llm_verdict: dict, log) -> tuple[dict, dict]:
+    """The bitsandbytes nf4 copy (the PyTorch hosts' backend): its manifest section and its perplexity verdict,
+    against the same PyTorch perplexity as the ONNX decoder's."""
+    log("quantizing the language model to bitsandbytes nf4 (the PyTorch hosts' backend)")
+    section = nf4.write_nf4(lm, bundle, work)
+    ppl = nf4.perplexity(bundle, llm_fidelity.prose_ids(tokenizer, opts.fidelity_text_tokens))
+    figures = {"perplexity": {"exported": ppl, "reference": llm_verdict["perplexity"]["reference"]}}
+    return section, llm_fidelity.nf4_verdict(figures)
+
+
+def _gate(report: dict, allow_low_fidelity: bool) -> None:
+    """Every check's verdict alike: a miss refuses the bundle, unless allowed, and then the report says which."""
     failed = [k for k, v in report.items() if not v["passed"]]
-    if failed and not opts.allow_low_fidelity:
+    if failed and not allow_low_fidelity:
         detail = "; ".join(f"{k}: {report[k]['measured']}, needs {report[k]['threshold']}" for k in failed)
         raise LowFidelity(f"not written: {', '.join(failed)} missed the fidelity threshold ({detail}); pass "
                           f"--allow-low-fidelity to write it anyway, marked as such")
@@ -238,21 +269,18 @@ def _build(ckpt, bundle: Path, work: Path, opts: Options, log, side=None) -> dic
     if failed:
         report["low_fidelity_allowed"] = failed
 
+
+def _manifest(bundle: Path, ckpt, opts: Options, sections: dict) -> dict:
+    """Write the manifest (which checks it against the schema and hashes every file) and read it back as the
+    runtime will."""
     manifest = {
         "source": {"checkpoint": str(Path(ckpt.path).resolve()), "architecture": ckpt.architecture,
                    "language_model": ckpt.language_model_type, **({"note": opts.note} if opts.note else {})},
-        "vision": vision,
-        "aggregator": agg,
-        "llm": llm_spec,
         "tokenizer": "tokenizer.json",
-        "prompt": prompt,
-        "fidelity": report,
-        "visual_tokens_per_video": visual_token_count(opts.num_frames, agg, vision["patch_grid"]),
+        "visual_tokens_per_video": visual_token_count(opts.num_frames, sections["aggregator"],
+                                                      sections["vision"]["patch_grid"]),
+        **sections,
     }
-    if nf4_section:
-        manifest["llm_nf4"] = nf4_section
-    if question_side:
-        manifest.update(question_side)
     manifest_schema.write(bundle, manifest)
     return manifest_schema.load(bundle)
 

@@ -8,9 +8,9 @@ import tempfile
 from pathlib import Path
 
 from sfedge.runtime.clitools import run_cli
-from sfedge.runtime.units import human
 from sfedge.runtime.errors import BadInput
 from sfedge.runtime.tokens import prompt_pooled_count
+from sfedge.runtime.units import human
 
 from .engines import DEFAULT_WORKSPACE
 
@@ -33,17 +33,33 @@ def parser() -> argparse.ArgumentParser:
                    help="build TensorRT engines of BUNDLE's vision graph and aggregator on this device, into the "
                         "bundle (needs tensorrt and cuda-python); takes --fp16, --int8, --calibration-videos, "
                         "--max-frames, --workspace, --memory-budget")
+    _pipeline_options(p)
+    _vision_options(p)
+    _engine_options(p)
+    _llm_options(p)
+    _question_aware_options(p)
+    _check_options(p)
+    return p
+
+
+def _pipeline_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SlowFast pipeline")
     g.add_argument("--frames", type=int, default=50, help="frames sampled per video, T (default 50)")
     g.add_argument("--slow-frames", type=int, default=10, help="slow-pathway frames, S (default 10)")
     g.add_argument("--slow-pool", default="max1d", help="slow pool: max1d (default), avg1d, max2d, avg2d")
     g.add_argument("--fast-grid", default="4x4", help="fast-pathway grid per frame (default 4x4)")
+
+
+def _vision_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("vision graph")
     g.add_argument("--vision-variants", default="fp32,int8",
                    help="comma-separated: fp32 (always), fp16, int8 (default fp32,int8)")
     g.add_argument("--calibration-videos", nargs="+", default=[], metavar="VIDEO",
                    help="videos for static int8 (QDQ) calibration and fidelity frames; without them int8 is "
                         "dynamic and fidelity uses the demo footage")
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TensorRT engines (with --engines)")
     g.add_argument("--fp16", action="store_true", help="fp16 engines")
     g.add_argument("--int8", action="store_true",
@@ -52,6 +68,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--workspace", help=f"TensorRT builder workspace (default {DEFAULT_WORKSPACE})")
     g.add_argument("--memory-budget",
                    help="the budget sf-run will plan for: its encode chunk is the frame count engines are tuned for")
+
+
+def _llm_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("language model")
     g.add_argument("--llm-precision", default="int4", choices=["int4", "fp32"])
     g.add_argument("--llm-quant", default="imatrix", choices=["rtn", "rtn-mixed", "imatrix", "accurate"],
@@ -70,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
                         "second copy of the weights in memory")
     g.add_argument("--nf4", action="store_true",
                    help="also save a bitsandbytes nf4 copy of the language model (for hosts that run PyTorch)")
+
+
+def _question_aware_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("question-aware tokens (frame selection, prompt-guided pooling)")
     g.add_argument("--clip", metavar="CLIP_DIR",
                    help="local CLIP or SigLIP checkpoint whose vision tower is the LLaVA one: adds its text tower, "
@@ -82,13 +104,15 @@ def parser() -> argparse.ArgumentParser:
                    help="prompt-guided pooling window TxHxW, stride = kernel (default 2x3x3)")
     g.add_argument("--pooling-temperature", type=float, default=0.01,
                    help="prompt-guided pooling: default softmax temperature inside a window (default 0.01)")
+
+
+def _check_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checks")
     g.add_argument("--allow-low-fidelity", action="store_true",
                    help="write the bundle even if a graph misses its fidelity threshold (the manifest says so)")
     g.add_argument("--fidelity-tokens", type=int, default=2048,
                    help="tokens of English prose for the perplexity check (default 2048)")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    return p
 
 
 def options(a):

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from sfedge.runtime.errors import BadCheckpoint, BadInput, ExportFailed
+from sfedge.runtime.sessions import Graph
 
 from . import fidelity, graphs
 from .prompt_pooling import PromptGuidedPooling, reference_pooling
@@ -166,7 +168,7 @@ def reference_outputs(side: ClipSide, model, vision: dict, frames: torch.Tensor)
 
 
 def vision_fidelity(path: Path, frames: np.ndarray, reference, precision: str) -> dict:
-    out = graphs.run_graph_outputs(path, {"frames": frames})
+    out = Graph(path).outputs({"frames": frames})
     return {f"vision.{precision}.{name}": fidelity.verdict(fidelity.compare(ref, out[name]), precision)
             for name, ref in zip(("clip_frame", "clip_patches"), reference)}
 
@@ -197,11 +199,16 @@ def reference_ids(side: ClipSide, question: str, spec: dict) -> torch.Tensor:
 
 
 def export_question_side(side: ClipSide, vision: dict, bundle: Path, work: Path, kernel, temperature: float,
-                         report: dict, log) -> dict:
-    """Write the text graph, its tokenizer and the prompt-guided pooling graph; check each; return the manifest
-    sections `clip` and `prompt_pooling`."""
-    from sfedge.runtime.clip_text import ClipText
+                         log) -> tuple[dict, dict]:
+    """Write the text graph, its tokenizer and the prompt-guided pooling graph and check each. Returns the manifest
+    sections `clip` and `prompt_pooling`, and the checks' verdicts."""
+    section, text_check = export_text_side(side, bundle, work, log)
+    pooling, pooling_checks = export_prompt_pooling(vision, section, kernel, temperature, bundle, log)
+    return {"clip": section, "prompt_pooling": pooling}, {**text_check, **pooling_checks}
 
+
+def export_text_side(side: ClipSide, bundle: Path, work: Path, log) -> tuple[dict, dict]:
+    """The text tower as ONNX and its tokenizer; the manifest's `clip` section and the text graph's verdict."""
     spec = tokenizer_spec(side)
     log(f"tracing the {side.kind.upper()} text tower to ONNX")
     ids = reference_ids(side, CHECK_QUESTIONS[0], spec)
@@ -210,16 +217,24 @@ def export_question_side(side: ClipSide, vision: dict, bundle: Path, work: Path,
                        {"input_ids": {1: length}})
     side.tokenizer.save_pretrained(work / "clip-tokenizer")
     shutil.copy(work / "clip-tokenizer" / "tokenizer.json", bundle / TEXT_TOKENIZER)
-    scale = float(side.model.logit_scale.detach().exp())
     cfg = side.model.config
     bias = getattr(side.model, "logit_bias", None)  # SigLIP's; a constant shift, so selection and pooling ignore it
     section = {"source": str(side.path.resolve()), "model_type": side.kind, "text_graph": TEXT_GRAPH,
                "tokenizer": TEXT_TOKENIZER, **spec,
                "embed_dim": int(cfg.projection_dim if side.kind == "clip" else cfg.text_config.hidden_size),
-               "logit_scale": scale, "logit_bias": 0.0 if bias is None else float(bias.detach().sum()),
+               "logit_scale": float(side.model.logit_scale.detach().exp()),
+               "logit_bias": 0.0 if bias is None else float(bias.detach().sum()),
                "tower_match": side.matched, "tower_checksum": side.checksum}
     if side.difference:
         section["tower_difference"] = side.difference
+    return section, {"clip_text": check_text_side(side, bundle, section, spec)}
+
+
+def check_text_side(side: ClipSide, bundle: Path, section: dict, spec: dict) -> dict:
+    """The runtime's tokenization must equal transformers' (else the export fails) and its text embeddings
+    PyTorch's."""
+    from sfedge.runtime.clip_text import ClipText
+
     runtime_text = ClipText(bundle, section, ["CPUExecutionProvider"])
     refs, outs = [], []
     for q in CHECK_QUESTIONS:
@@ -232,15 +247,21 @@ def export_question_side(side: ClipSide, vision: dict, bundle: Path, work: Path,
         with torch.no_grad():
             refs.append(TextTower(side.model)(want)[0].numpy())
         outs.append(runtime_text.embed(q))
-    report["clip_text"] = fidelity.verdict(fidelity.compare(np.stack(refs), np.stack(outs)), "fp32")
+    return fidelity.verdict(fidelity.compare(np.stack(refs), np.stack(outs)), "fp32")
 
+
+def export_prompt_pooling(vision: dict, section: dict, kernel, temperature: float, bundle: Path,
+                          log) -> tuple[dict, dict]:
+    """PPLLaVA's pooling as ONNX, checked against its plain statement at uneven T as well as whole windows;
+    the manifest's `prompt_pooling` section and the verdicts."""
     log("tracing PPLLaVA's prompt-guided pooling to ONNX")
-    skip, grid = int(vision["has_cls_token"]), vision["patch_grid"]
+    skip, grid, scale = int(vision["has_cls_token"]), vision["patch_grid"], section["logit_scale"]
     pooling = {"graph": POOLING_GRAPH, "kernel": list(kernel), "temperature": float(temperature)}
     export_pooling(vision, section["embed_dim"], scale, kernel, bundle / POOLING_GRAPH)
     rng = np.random.default_rng(0)
     g, c = grid[0] * grid[1], section["embed_dim"]
-    for t in sorted({kernel[0] * 2 + 1, 1, 4}):  # uneven T as well as whole windows
+    checks = {}
+    for t in sorted({kernel[0] * 2 + 1, 1, 4}):
         feats = rng.standard_normal((t, vision["tokens_per_frame"], vision["hidden_size"])).astype(np.float32)
         patches = rng.standard_normal((t, g, c)).astype(np.float32)
         text = rng.standard_normal(c).astype(np.float32)
@@ -248,8 +269,8 @@ def export_question_side(side: ClipSide, vision: dict, bundle: Path, work: Path,
                                  temperature).numpy()
         got = graphs.run_graph(bundle / POOLING_GRAPH, {"features": feats, "clip_patches": patches, "text": text,
                                                         "temperature": np.array(temperature, np.float32)})
-        report[f"prompt_pooling.T{t}"] = fidelity.verdict(fidelity.compare(want, got), "fp32")
-    return {"clip": section, "prompt_pooling": pooling}
+        checks[f"prompt_pooling.T{t}"] = fidelity.verdict(fidelity.compare(want, got), "fp32")
+    return pooling, checks
 
 
 def export_pooling(vision: dict, embed_dim: int, logit_scale: float, kernel, path: Path) -> Path:

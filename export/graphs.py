@@ -8,8 +8,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
+
+from sfedge.runtime.sessions import Graph
 
 from .aggregator import SlowFastAggregator
 from .vision import VisionGraph
@@ -57,7 +58,7 @@ def quantize_int8_dynamic(src: Path, dst: Path) -> Path:
 
 
 def quantize_int8_static(src: Path, dst: Path, reader) -> Path:
-    """QDQ int8 calibrated on real frames (`sfedge.calibration.frames.FrameReader`)."""
+    """QDQ int8 calibrated on real frames (`reader`: a `calibration_reader.FrameReader`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
@@ -76,10 +77,6 @@ def convert_fp16(src: Path, dst: Path) -> Path:
 
 
 def run_graph(path: Path, feeds: dict) -> np.ndarray:
-    return next(iter(run_graph_outputs(path, feeds).values()))
+    """The graph's first output, on CPU: how the export checks each graph it writes."""
+    return Graph(path).run(feeds)
 
-
-def run_graph_outputs(path: Path, feeds: dict) -> dict:
-    """Every output by name."""
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))

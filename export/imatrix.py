@@ -166,67 +166,85 @@ def quantize_graph(src: Path, dst: Path, imp: dict[str, np.ndarray] | None, bloc
     for name, init in inits.items():
         if name not in weights and init.data_location == onnx.TensorProto.EXTERNAL:
             load_external_data_for_tensor(init, str(src.parent))
-    nodes, new_inits, block_sums = [], [], {}
-    counts = {"4-bit": 0, "8-bit": 0}
-
-    def matmul_nbits(x, base, out, name, codes, scales, bits, level, k):
-        packed = codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)
-        new_inits.extend([numpy_helper.from_array(packed, f"{base}_Q{bits}"),
-                          numpy_helper.from_array(scales, base + "_scales")])
-        counts[f"{bits}-bit"] += 1
-        return helper.make_node("MatMulNBits", [x, f"{base}_Q{bits}", base + "_scales"], [out], f"{name}_Q{bits}",
-                                domain="com.microsoft", bits=bits, accuracy_level=level, K=k, N=len(codes),
-                                block_size=block)
-
+    rewrite = _Rewrite(block)
     for node in model.graph.node:
         if node.op_type != "MatMul" or node.input[1] not in weights:
-            nodes.append(node)
+            rewrite.nodes.append(node)
             continue
         w = numpy_helper.to_array(inits[node.input[1]], str(src.parent)).T  # stored [K, N]
-        k = w.shape[1]
-        a, base, out = node.input[0], node.input[1], node.output[0]
-        imp_a = None
-        if imp is not None:
-            if _module_name(node.name) not in imp:
-                raise BadCheckpoint(f"the model builder's MatMul {node.name} matches no PyTorch layer "
-                                    f"({_module_name(node.name)}), so it has no calibration importance: export "
-                                    f"with --llm-quant rtn-mixed")
-            imp_a = imp[_module_name(node.name)]
-        # Accuracy level 4 (int8 activations, the CPU default) is the fast kernel. The affine layers use 1 (fp32
-        # activations): measured on SmolLM2, 4 drops their teacher-forced min cosine from 0.9997 to 0.979, for
-        # half the kernel time. lm_head stays at 4: 8-bit weights have no fast fp32-activation kernel (90 ms a step).
-        if not affine:
-            nodes.append(matmul_nbits(a, base, out, node.name, *symmetric4_blocks(w, imp_a, block), 4, 4, k))
-        elif node.name.startswith("/lm_head/"):
-            nodes.append(matmul_nbits(a, base, out, node.name, *symmetric8_blocks(w, block), 8, 4, k))
-        else:
-            q, d, c = affine_blocks(w, imp_a, block)
-            if a not in block_sums:  # one block sum per input, shared by the MatMuls that read it (gate and up)
-                indicator = np.zeros((k, d.shape[1]), np.float32)
-                indicator[np.arange(k), np.arange(k) // block] = 1
-                block_sums[a] = f"{a}/block_sum"
-                new_inits.append(numpy_helper.from_array(indicator, f"{a}/block_indicator"))
-                nodes.append(helper.make_node("MatMul", [a, f"{a}/block_indicator"], [block_sums[a]],
-                                              f"{a}/BlockSum"))
-            new_inits.append(numpy_helper.from_array(np.ascontiguousarray(c.T), base + "_offsets"))
-            nodes += [
-                matmul_nbits(a, base, out + "/codes", node.name, q, d, 4, 1, k),
-                helper.make_node("MatMul", [block_sums[a], base + "_offsets"], [out + "/offsets"],
-                                 node.name + "_Offsets"),
-                helper.make_node("Add", [out + "/codes", out + "/offsets"], [out], node.name + "_Add"),
-            ]
+        rewrite.matmul(node, w, _node_importance(node, imp), affine)
     kept = [i for i in model.graph.initializer if i.name not in weights]
     del model.graph.initializer[:]
-    model.graph.initializer.extend(kept + new_inits)
+    model.graph.initializer.extend(kept + rewrite.inits)
     del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    model.graph.node.extend(rewrite.nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, dst, save_as_external_data=True, all_tensors_to_one_file=True,
               location=dst.name + ".data", size_threshold=1024)
     # onnx writes external data owner-only (0600); a bundle copied to a device is read by another user.
     dst.with_name(dst.name + ".data").chmod(dst.stat().st_mode & 0o777)
-    return counts
+    return rewrite.counts
+
+
+def _node_importance(node, imp: dict[str, np.ndarray] | None) -> np.ndarray | None:
+    if imp is None:
+        return None
+    if _module_name(node.name) not in imp:
+        raise BadCheckpoint(f"the model builder's MatMul {node.name} matches no PyTorch layer "
+                            f"({_module_name(node.name)}), so it has no calibration importance: export "
+                            f"with --llm-quant rtn-mixed")
+    return imp[_module_name(node.name)]
+
+
+class _Rewrite:
+    """The rewritten graph's nodes in order, its new initializers, and how many MatMuls went to each width."""
+
+    def __init__(self, block: int):
+        self.block, self.nodes, self.inits = block, [], []
+        self.block_sums = {}  # input -> its per-block sum, shared by the MatMuls that read it (gate and up)
+        self.counts = {"4-bit": 0, "8-bit": 0}
+
+    def matmul(self, node, w: np.ndarray, imp: np.ndarray | None, affine: bool) -> None:
+        """One weight MatMul replaced. Accuracy level 4 (int8 activations, the CPU default) is the fast kernel.
+        The affine layers use 1 (fp32 activations): measured on SmolLM2, 4 drops their teacher-forced min cosine
+        from 0.9997 to 0.979, for half the kernel time. lm_head stays at 4: 8-bit weights have no fast
+        fp32-activation kernel (90 ms a step)."""
+        a, base, out, k = node.input[0], node.input[1], node.output[0], w.shape[1]
+        if not affine:
+            self.nodes.append(self.nbits(a, base, out, node.name, *symmetric4_blocks(w, imp, self.block), 4, 4, k))
+        elif node.name.startswith("/lm_head/"):
+            self.nodes.append(self.nbits(a, base, out, node.name, *symmetric8_blocks(w, self.block), 8, 4, k))
+        else:
+            q, d, c = affine_blocks(w, imp, self.block)
+            sums = self.block_sum(a, k, d.shape[1])
+            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(c.T), base + "_offsets"))
+            self.nodes += [
+                self.nbits(a, base, out + "/codes", node.name, q, d, 4, 1, k),
+                helper.make_node("MatMul", [sums, base + "_offsets"], [out + "/offsets"], node.name + "_Offsets"),
+                helper.make_node("Add", [out + "/codes", out + "/offsets"], [out], node.name + "_Add"),
+            ]
+
+    def nbits(self, x, base, out, name, codes, scales, bits, level, k):
+        """A MatMulNBits node over `codes` [N, blocks, block] (two 4-bit codes packed per byte) and `scales`."""
+        packed = codes if bits == 8 else codes[..., 0::2] | (codes[..., 1::2] << 4)
+        self.inits.extend([numpy_helper.from_array(packed, f"{base}_Q{bits}"),
+                           numpy_helper.from_array(scales, base + "_scales")])
+        self.counts[f"{bits}-bit"] += 1
+        return helper.make_node("MatMulNBits", [x, f"{base}_Q{bits}", base + "_scales"], [out], f"{name}_Q{bits}",
+                                domain="com.microsoft", bits=bits, accuracy_level=level, K=k, N=len(codes),
+                                block_size=self.block)
+
+    def block_sum(self, a: str, k: int, blocks: int) -> str:
+        """x @ S for input `a`: the sum of x over each block, computed once per input."""
+        if a not in self.block_sums:
+            indicator = np.zeros((k, blocks), np.float32)
+            indicator[np.arange(k), np.arange(k) // self.block] = 1
+            self.block_sums[a] = f"{a}/block_sum"
+            self.inits.append(numpy_helper.from_array(indicator, f"{a}/block_indicator"))
+            self.nodes.append(helper.make_node("MatMul", [a, f"{a}/block_indicator"], [self.block_sums[a]],
+                                               f"{a}/BlockSum"))
+        return self.block_sums[a]
 
 
 def _weight_matmuls(model) -> list:

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import transformers
 
-from sfedge.runtime.embeddings import quantize_rows
 from sfedge.runtime.errors import BadCheckpoint
 
 from . import imatrix
@@ -127,6 +126,14 @@ def calibration_samples(lm, tokenizer, visual_tokens: np.ndarray | None) -> list
     table = lm.get_input_embeddings().weight.detach().numpy()
     samples = [table[tokenizer(p, add_special_tokens=False)["input_ids"]] for p in calibration.prompts()]
     return samples + ([visual_tokens.astype(np.float32)] if visual_tokens is not None else [])
+
+
+def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 with a symmetric per-row scale (the runtime's `Embeddings` reads it back)."""
+    scale = np.abs(table).max(axis=1) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
 
 
 def write_llm(lm, tokenizer, bundle: Path, work: Path, *, precision="int4", block_size=32, scheme="imatrix",

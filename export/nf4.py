@@ -1,6 +1,6 @@
 """The bitsandbytes nf4 backend, for hosts that run PyTorch: the language model quantized to nf4 through
 transformers, saved in the bundle (`llm-nf4/`, its own manifest entry), and a decoder with the same interface as
-the ONNX one (`forward`, `rewind`, `length`, `max_len`, `kv_bytes_per_token`), so `LanguageModel` drives either.
+the ONNX one (`forward`, `rewind`, `length`, `max_len`), so `LanguageModel` drives either.
 
     from sfedge.export.nf4 import NF4Decoder
     rt = Runtime.load(bundle, decoder_factory=NF4Decoder)
@@ -66,10 +66,6 @@ class NF4Decoder:
         self.model = transformers.AutoModelForCausalLM.from_pretrained(Path(root) / FOLDER, device_map="cpu").eval()
         self.spec, self.max_len, self.length = spec, max_len, 0
         self.cache = transformers.DynamicCache()
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.spec["num_layers"] * self.spec["num_kv_heads"] * self.spec["head_dim"] * 4
 
     def rewind(self, length: int) -> None:
         if not 0 <= length <= self.length:

@@ -20,11 +20,8 @@ def smol_tokenizer():
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory, smol_tokenizer):
     """make_checkpoint(arch, tower="clip", image_size=32, patch=8, select_layer=-2, strategy="default",
-    text="llama") -> folder of a tiny random LLaVA-family checkpoint."""
-    import copy
-
-    import transformers
-    from sfedge.export import demo
+    text="llama") -> folder of a tiny random LLaVA-family checkpoint (tests/checkpoints.py)."""
+    from checkpoints import tiny_llava
 
     def make(arch="LlavaForConditionalGeneration", tower="clip", image_size=32, patch=8, select_layer=-2,
              strategy="default", text="llama", seed=0):
@@ -32,13 +29,7 @@ def make_checkpoint(tmp_path_factory, smol_tokenizer):
         out = tmp_path_factory.getbasetemp() / "checkpoints" / name
         if out.exists():
             return out
-        vcfg = demo.vision_config(tower, "tiny")
-        vcfg.image_size, vcfg.patch_size = image_size, patch
-        kw = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=4096)
-        tcfg = transformers.Qwen2Config(**kw) if text == "qwen2" else transformers.LlamaConfig(**kw)
-        return demo.assemble(out, arch, vcfg, tcfg, copy.deepcopy(smol_tokenizer), select_layer=select_layer,
-                             strategy=strategy, seed=seed)
+        return tiny_llava(out, smol_tokenizer, arch, tower, image_size, patch, select_layer, strategy, text, seed)
 
     return make
 

