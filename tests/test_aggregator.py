@@ -1,5 +1,5 @@
-"""The SlowFast aggregator (PyTorch module and its ONNX graph) against an independent numpy statement of the rules
-in DESIGN.md, written here loop by loop."""
+"""The SlowFast aggregator (PyTorch module and its ONNX graph) against an independent numpy statement of
+SlowFast-LLaVA's rules (the slow and fast pathways the README describes), written here loop by loop."""
 import math
 
 import numpy as np

@@ -22,13 +22,22 @@ def edit(bundle, fn):
     (bundle / "manifest.json").write_text(json.dumps(m))
 
 
-def test_a_good_bundle_loads_and_the_hash_cache_skips_rehashing(bundle, tmp_path):
+def test_a_good_bundle_loads_and_the_hash_cache_skips_rehashing(bundle, tmp_path, monkeypatch):
     cache = manifest.HashCache(tmp_path / "hashes.json")
     m = manifest.load(bundle, hash_cache=cache)
     assert m["schema_version"] == manifest.SCHEMA_VERSION
     known = json.loads((tmp_path / "hashes.json").read_text())
     assert len(known) == len(m["artifacts"])
+
+    hashed = []
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda p: hashed.append(p.name) or real(p))
     manifest.load(bundle, hash_cache=manifest.HashCache(tmp_path / "hashes.json"))
+    assert hashed == []
+    # a file whose mtime changed is hashed again, and only that file
+    os.utime(bundle / "aggregator.onnx", ns=(1, 1))
+    manifest.load(bundle, hash_cache=manifest.HashCache(tmp_path / "hashes.json"))
+    assert hashed == ["aggregator.onnx"]
 
 
 def test_tampered_artifact_is_refused_by_name(bundle, tmp_path):

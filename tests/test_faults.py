@@ -99,20 +99,24 @@ def _corpus(tmp_path):
 
 
 def test_broken_video_corpus(tmp_path):
-    handled, read = 0, 0
-    for path in _corpus(tmp_path):
+    # bigbuckbunny.mp4 keeps its index at the end: any cut, a lost header or zeros is refused; flipped bytes in the
+    # frame data leave the index whole, so the frames that still decode are kept.
+    cases = list(_corpus(tmp_path))
+    assert len(cases) == 11
+    for path in cases:
         before = hashlib.sha256(path.read_bytes()).hexdigest()
         t0 = time.time()
-        try:
+        if path.name.startswith("flipped"):
             f = read_frames(path, 16, (32, 32))
-            assert 0 < len(f.pixels) <= 16 and f.pixels.dtype == np.uint8
-            read += 1
-        except BadInput as e:
-            assert path.name in str(e)
-            handled += 1
+            assert 0 < len(f.pixels) <= 16 and f.pixels.dtype == np.uint8 and f.method == "scan"
+            short = [f"the container claims 132 frames but {f.total_frames} decode; sampled among those"]
+            assert f.notes == ([] if f.total_frames == 132 else short), path.name
+        else:
+            with pytest.raises(BadInput, match="not a video OpenCV can open") as e:
+                read_frames(path, 16, (32, 32))
+            assert str(path) in str(e.value)
         assert time.time() - t0 < 30
         assert hashlib.sha256(path.read_bytes()).hexdigest() == before
-    assert handled + read == 11 and handled >= 2
 
 
 def test_questions_empty_huge_or_full_of_control_characters():

@@ -34,8 +34,10 @@ def write_video(path, seconds: float, fps: int = 10, size=(64, 48)):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def rt(tiny_bundle):
+    # Each test its own runtime (a load takes a tenth of a second): a patched or half-watched one never reaches
+    # the next test, whatever the order.
     return Runtime.load(tiny_bundle[0], vision_variant="fp32", max_new_tokens=6)
 
 
@@ -92,18 +94,16 @@ def test_rules_from_the_command_line():
 
 # ---- the pipeline ------------------------------------------------------------------------------------------------
 
-def test_synthetic_frames_each_encoded_once_and_windows_answered_like_ask(rt):
+def test_synthetic_frames_each_encoded_once_and_windows_answered_like_ask(rt, monkeypatch):
     source = [(i / 10, frame(i)) for i in range(10 * 31)]  # 31 s at 10 fps; every 5th frame is sampled
+    rules = [{"name": "what", "question": "What happens?", "every": "10s", "window": "20s"},
+             {"name": "door", "question": "Is the door open?", "every": "10s", "window": "20s",
+              "trigger": {"keywords": ["the"]}}]
     encoded = []
     run = rt.vision.run
-    rt.vision.run = lambda feeds: encoded.append(len(feeds["frames"])) or run(feeds)
-    try:
-        rules = [{"name": "what", "question": "What happens?", "every": "10s", "window": "20s"},
-                 {"name": "door", "question": "Is the door open?", "every": "10s", "window": "20s",
-                  "trigger": {"keywords": ["the"]}}]
+    with monkeypatch.context() as m:
+        m.setattr(rt.vision, "run", lambda feeds: encoded.append(len(feeds["frames"])) or run(feeds))
         records = list(rt.watch(source, rules, sample_fps=2))
-    finally:
-        rt.vision.run = run
     answers = [r for r in records if r["kind"] == "answer"]
     assert [(r["rule"], r["window"]["end"]) for r in answers] == [
         (n, e) for e in (10.0, 20.0, 30.0) for n in ("what", "door")]
@@ -118,8 +118,8 @@ def test_synthetic_frames_each_encoded_once_and_windows_answered_like_ask(rt):
     from sfedge.runtime.video import sample_indices, squash
     kept = [squash(frame(i), rt.size) for i in range(5, 201, 5)]  # (0 s, 20 s] at 2 fps
     pick = sample_indices(len(kept), rt.plan.frames)
-    from sfedge.runtime.pipeline import VisualTokens
-    vt = VisualTokens(rt.aggregate(rt.encode_pixels(np.stack(kept)[pick])), [], 0, "x", "x", {})
+    from sfedge.runtime import VisualTokens
+    vt = VisualTokens(rt.aggregate(rt.encode_pixels(np.stack(kept)[pick])), [], 0, "stream", {})
     assert rt.ask(vt, "What happens?", max_new_tokens=6).text == answers[2]["answer"]
 
 
@@ -131,7 +131,7 @@ def test_intervals_count_from_the_first_frame(rt):
     assert all(r["window"]["frames"] == 20 for r in answers)
 
 
-def test_bad_sources_and_settings_are_clear(rt, tmp_path):
+def test_bad_sources_and_settings_are_clear(rt, tmp_path, monkeypatch):
     with pytest.raises(BadInput, match="no such video file"):
         rt.watch(tmp_path / "missing.mp4", [{"question": "q", "every": 1, "window": 1}])
     with pytest.raises(BadInput, match="sample rate"):
@@ -141,12 +141,10 @@ def test_bad_sources_and_settings_are_clear(rt, tmp_path):
     for spec, what in (("http://127.0.0.1:9/none.mjpg", "cannot open this stream"), (57, "cannot open this camera")):
         with pytest.raises(BadInput, match=what):
             list(rt.watch(spec, [{"question": "q", "every": 1, "window": 1}]))
-    rt.qa = object()  # a runtime loaded for question-aware tokens
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(rt, "qa", object())  # a runtime loaded for question-aware tokens
         with pytest.raises(BadInput, match="uniform SlowFast tokens"):
             rt.watch([], [{"question": "q", "every": 1, "window": 1}])
-    finally:
-        rt.qa = None
     with pytest.raises(BadInput, match="item 1: a frame must be uint8 BGR"):
         list(rt.watch([(0, frame(0)), (1, np.zeros((4, 4)))], [{"question": "q", "every": 1, "window": 1}]))
 
