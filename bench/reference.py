@@ -23,10 +23,7 @@ def visual_tokens(model, vision: dict, agg: dict, frames: np.ndarray) -> torch.T
 def prompt_embeds(model, tokenizer, manifest: dict, frames: np.ndarray, question: str) -> torch.Tensor:
     """prefix + visual tokens + question as embeddings [1, n, D], tokenized by transformers' own tokenizer."""
     table = model.get_input_embeddings().weight
-
-    def tokenize(text: str, special: bool) -> list[int]:
-        return tokenizer(text, add_special_tokens=special)["input_ids"]
-
+    tokenize = prompt.transformers_tokenize(tokenizer)
     visual = visual_tokens(model, manifest["vision"], manifest["aggregator"], frames)
     with torch.no_grad():
         return prompt.embeds(manifest["prompt"], tokenize, lambda ids: table[ids], torch.cat, visual, question)[None]

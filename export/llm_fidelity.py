@@ -9,6 +9,7 @@ import torch
 from sfedge import calibration
 from sfedge.runtime.decoder import Decoder
 from sfedge.runtime.embeddings import Embeddings
+from sfedge.runtime.prompt import chat, transformers_tokenize
 from sfedge.runtime.prompt import embeds as prompt_embeds
 
 # The export gate for int4 catches a broken quantization, not a slightly worse one: perplexity within 35% of
@@ -65,8 +66,7 @@ def measure(lm, tokenizer, bundle, llm_spec: dict, prompt: dict, *, text_tokens=
     log(f"teacher-forced logits on {len(calibration.prompts())} chat prompts, {positions} positions each")
     cos, top5, diverge = [], [], []
     for text in calibration.prompts():  # the user turn alone, in one piece: no visual tokens to split it around
-        p_ids = tokenizer(prompt["prefix"] + text + prompt["suffix"],
-                          add_special_tokens=prompt["add_special_tokens"])["input_ids"]
+        p_ids = transformers_tokenize(tokenizer)(chat(prompt, text), prompt["add_special_tokens"])
         c, t, d = _teacher_forced(lm, decoder, embed, table[p_ids], embed(p_ids), positions)
         cos.append(c), top5.append(t), diverge.append(d)
     out["teacher_forced"] = _summary(cos, top5, diverge, positions)
@@ -83,10 +83,7 @@ def _video_prompt(tokenizer, prompt: dict, table, embed, visual_tokens: np.ndarr
     """The runtime's prompt around real visual tokens, as PyTorch embeddings (from the checkpoint's table) and as
     the bundle's (from its embedding file)."""
     question = "Describe what happens in the video."
-
-    def tokenize(text, special):
-        return tokenizer(text, add_special_tokens=special)["input_ids"]
-
+    tokenize = transformers_tokenize(tokenizer)
     ref = prompt_embeds(prompt, tokenize, lambda ids: table[ids], torch.cat,
                         torch.from_numpy(visual_tokens).float(), question)
     got = prompt_embeds(prompt, tokenize, embed, np.concatenate, visual_tokens.astype(np.float32), question)

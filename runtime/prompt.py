@@ -44,6 +44,11 @@ class PromptIds:
     answer_start: str
 
 
+def transformers_tokenize(tokenizer) -> Tokenize:
+    """A transformers tokenizer as a `Tokenize` (export and reference side; duck-typed, no import)."""
+    return lambda text, special: tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
 def spec_from_tokenizer(tokenizer, eos_ids: list[int]) -> dict:
     """The manifest's "prompt" section from a transformers tokenizer (export side; duck-typed, no import)."""
     if getattr(tokenizer, "chat_template", None):
@@ -99,6 +104,11 @@ def build(spec: dict, question: str, style: str = "plain", options: list[str] | 
         style = "multiple-choice" if style == "plain" else style
     answer_start = STYLES[style]
     return Prompt(spec["prefix"], "\n" + question + spec["suffix"] + answer_start, answer_start)
+
+
+def chat(spec: dict, text: str) -> str:
+    """A text-only user turn in the template (the export's calibration and fidelity prompts)."""
+    return spec["prefix"] + text + spec["suffix"]
 
 
 def token_ids(spec: dict, tokenize: Tokenize, question: str, style: str = "plain",

@@ -7,6 +7,7 @@ import torch
 from sfedge import calibration
 from sfedge.runtime.errors import BadInput, DoesNotFit
 from sfedge.runtime.llm import LanguageModel, TextStream, generate, text_pieces
+from sfedge.runtime.prompt import chat
 from sfedge.runtime.sampling import Sampling, pick
 from sfedge.runtime.tokens import kv_bytes_per_token
 
@@ -48,7 +49,7 @@ def test_fp32_greedy_equals_transformers_generate(smol, fp32_engine):
     engine, m = fp32_engine
     p = m["prompt"]
     for question in ["What is the capital of France?", "Write a haiku about a camera."]:
-        ids = tok(p["prefix"] + question + p["suffix"], add_special_tokens=False)["input_ids"]
+        ids = tok(chat(p, question), add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             want = lm.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
                                eos_token_id=p["eos_token_ids"], pad_token_id=p["eos_token_ids"][0])[0, len(ids):]
