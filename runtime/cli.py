@@ -1,5 +1,5 @@
 """sf-run: answer questions about videos from a bundle (ask), watch a camera or stream with standing questions
-(watch), or show the memory plan (plan)."""
+(watch), answer a jobs file over many videos (batch), or show the memory plan (plan)."""
 from __future__ import annotations
 
 import argparse
@@ -21,20 +21,11 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--video", required=True, help="video or image file, or 'demo' for the built-in footage")
     a.add_argument("--question", "-q", action="append", required=True,
                    help="the question; repeat for follow-ups about the same video (its KV cache is reused)")
-    a.add_argument("--options", nargs="+", help="multiple-choice options, listed as (A) ... (B) ...")
-    a.add_argument("--style", default="plain", choices=list(prompts.STYLES),
-                   help="answer prefill: open-ended starts 'In the video,', multiple-choice 'Best option:('")
-    a.add_argument("--frames", type=int, help="frames to sample (default: the bundle's, usually 50)")
-    a.add_argument("--max-new-tokens", type=int, default=128)
-    a.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    a.add_argument("--top-p", type=float, default=1.0)
-    a.add_argument("--top-k", type=int, default=0)
-    a.add_argument("--seed", type=int)
+    answer_options(a)
     runtime_options(a, "e.g. 2GB: plan chunk sizes to fit, or refuse with the reason")
     a.add_argument("--json", action="store_true", help="print one JSON object per question instead of text")
     question_aware_options(a)
-    a.add_argument("--pooling-temperature", type=float,
-                   help="prompt-guided pooling: softmax temperature inside each window (default: the bundle's, 0.01)")
+    pooling_temperature_option(a)
     w = sub.add_parser("watch", help="standing questions over a camera, network stream or file; JSON lines out",
                        description="Ask standing questions about the last N seconds of a camera, network stream "
                                    "or file, at fixed intervals; one JSON line per answer (and per stream gap). "
@@ -60,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--max-new-tokens", type=int, default=64)
     w.add_argument("--frames", type=int, help="most frames per window (default: the bundle's, usually 50)")
     runtime_options(w, "e.g. 2GB: plan chunk sizes to fit, the feature ring buffer included")
+    batch_parser(sub)
     pl = sub.add_parser("plan", help="print the memory plan for a budget",
                         description="Print what a question costs in memory, and the settings that fit a budget.")
     pl.add_argument("bundle")
@@ -69,6 +61,59 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--vision", choices=["fp32", "fp16", "int8"])
     question_aware_options(pl)
     return p
+
+
+def batch_parser(sub) -> None:
+    b = sub.add_parser("batch", help="questions over many videos, each encoded once; JSON lines or Parquet out",
+                       description="Answer a jobs file (or every video of a folder with the same questions), each "
+                                   "video decoded and encoded once for all its questions, on local worker processes "
+                                   "or a Ray cluster. Results are appended as they arrive, one per job id; --resume "
+                                   "skips the ids already in --out. Ctrl-C finishes the current answers and stops.")
+    b.add_argument("bundle")
+    source = b.add_mutually_exclusive_group(required=True)
+    source.add_argument("--jobs", help="JSON lines (.jsonl), CSV or Parquet rows of id, video, question and "
+                                       "optionally options, style, max_new_tokens")
+    source.add_argument("--videos", help="a folder of videos, or a glob ('clips/**/*.mp4'); with --question")
+    b.add_argument("--question", "-q", action="append", default=[],
+                   help="with --videos: a question for every video (repeatable); ids are VIDEO::QUESTION")
+    b.add_argument("--out", required=True, help="results: .jsonl (appended and flushed per answer) or .parquet")
+    b.add_argument("--resume", action="store_true", help="continue --out: skip the ids already in it")
+    b.add_argument("--workers", default="auto", type=_workers,
+                   help="worker processes (or Ray actors), each holding one runtime; auto (default): from the "
+                        "memory plan and the cores")
+    b.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help='run on Ray (pip install ".[ray]"): alone, a local cluster; with an address (e.g. '
+                        "10.0.0.5:6379 or auto), join that cluster")
+    answer_options(b)
+    runtime_options(b, "e.g. 6GB: shared equally by the local workers (with --ray: each actor's)")
+    question_aware_options(b)
+    pooling_temperature_option(b)
+
+
+def _workers(value: str):
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a number of workers of at least 1, or auto")
+    return int(value)
+
+
+def answer_options(p) -> None:
+    """How each question is answered: the same flags for ask and batch (a batch job's own fields win)."""
+    p.add_argument("--options", nargs="+", help="multiple-choice options, listed as (A) ... (B) ...")
+    p.add_argument("--style", default="plain", choices=list(prompts.STYLES),
+                   help="answer prefill: open-ended starts 'In the video,', multiple-choice 'Best option:('")
+    p.add_argument("--frames", type=int, help="frames to sample (default: the bundle's, usually 50)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+
+
+def pooling_temperature_option(p) -> None:
+    p.add_argument("--pooling-temperature", type=float,
+                   help="prompt-guided pooling: softmax temperature inside each window (default: the bundle's, 0.01)")
 
 
 def runtime_options(p, budget_help: str) -> None:
@@ -199,6 +244,44 @@ def _watch(a) -> int:
             out.close()
 
 
+def _batch(a) -> int:
+    import signal
+    import threading
+
+    from .batch import run_batch
+    from .jobs import Defaults, jobs_from_videos, read_jobs
+    from .pipeline import Settings
+
+    defaults = Defaults(a.style, a.options, a.max_new_tokens)
+    if a.jobs:
+        if a.question:
+            raise BadInput("--question goes with --videos: a jobs file gives each job its question")
+        jobs, label = read_jobs(a.jobs, defaults), a.jobs
+    elif a.question:
+        jobs, label = jobs_from_videos(a.videos, a.question, defaults), f"{a.videos} with these questions"
+    else:
+        raise BadInput("--videos needs at least one --question")
+    settings = Settings(device=a.device, memory_budget=a.memory_budget, frames=a.frames,
+                        max_new_tokens=a.max_new_tokens, vision_variant=a.vision, threads=a.threads,
+                        frame_selection=a.frame_selection, pooling=a.pooling, candidates=a.candidates,
+                        pooling_temperature=a.pooling_temperature)
+    sampling = dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
+    stop = threading.Event()
+
+    def _stop(signum, frame):
+        if stop.is_set():  # a second signal: stop now
+            raise KeyboardInterrupt
+        stop.set()
+        _err(f"[sf-run] {signal.Signals(signum).name}: finishing the current answers, then stopping")
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    _err(f"[sf-run] {len(jobs)} jobs from {label}; results to {a.out}")
+    summary = run_batch(a.bundle, jobs, a.out, settings, sampling, a.workers, a.ray, a.resume, label, stop=stop)
+    _err(f"[sf-run] {summary.line()}")
+    return 130 if summary.stopped else 0
+
+
 def _plan(a) -> int:
     from . import manifest as manifest_io
     from .planner import make_plan
@@ -222,6 +305,10 @@ def _main() -> int:
         if a.max_new_tokens < 1:
             raise BadInput("--max-new-tokens must be at least 1")
         return _watch(a)
+    if a.cmd == "batch":
+        if a.max_new_tokens < 1:
+            raise BadInput("--max-new-tokens must be at least 1")
+        return _batch(a)
     return _plan(a)
 
 

@@ -103,10 +103,9 @@ class Runtime:
 
     def _graph(self, role: str, onnx_rel: str, need_frames: int):
         on_trt = self.device == "tensorrt"
-        graph, note = open_graph(role, self.root, onnx_rel, self._providers(role), self.settings.threads,
-                                 self.manifest.get("engines", []) if on_trt else None, need_frames)
-        if note:
-            self.notes.append(note)
+        graph, notes = open_graph(role, self.root, onnx_rel, self._providers(role), self.settings.threads,
+                                  self.manifest.get("engines", []) if on_trt else None, need_frames)
+        self.notes += notes
         return graph
 
     def replanned(self, **changes) -> "Runtime":

@@ -112,18 +112,20 @@ class Graph:
 
 def open_graph(role: str, root: Path, onnx_rel: str, provider_list: list, threads: int | None,
                engines: list | None = None, need_frames: int = 0) -> tuple:
-    """One of the bundle's graphs on its device, and a note for sf-run when what runs is not what was asked for.
-    `engines` (the manifest's TensorRT engines, on the tensorrt device only): a matching engine runs instead of the
-    ONNX graph; the note says which, or why none does."""
+    """One of the bundle's graphs on its device, and notes for sf-run on what runs when it is not what was asked
+    for. `engines` (the manifest's TensorRT engines, on the tensorrt device only): a matching engine runs instead of
+    the ONNX graph; a note says which, or why none does."""
     from . import engines as trt
 
-    note = None
+    notes = []
     if engines is not None:
-        entry, note = trt.choose(engines, role, trt.device_info(), root, need_frames)
+        entry, reason = trt.choose(engines, role, trt.device_info(), root, need_frames)
+        notes.append(reason)
         if entry:
-            return trt.EngineRunner(root / entry["file"]), note
+            return trt.EngineRunner(root / entry["file"]), notes
     graph = Graph(root / onnx_rel, provider_list, threads)
     wanted = provider_name(provider_list[0])
     if graph.provider != wanted:
-        note = f"{role}: ONNX Runtime could not start {wanted} and runs {Path(onnx_rel).name} on {graph.provider}"
-    return graph, note
+        notes.append(f"{role}: ONNX Runtime could not start {wanted} and runs {Path(onnx_rel).name} on "
+                     f"{graph.provider}")
+    return graph, notes

@@ -114,8 +114,15 @@ def test_bad_inputs(rt, tmp_path):
         rt.ask(tmp_path / "missing.mp4", "What?")
     with pytest.raises(BadInput, match="empty"):
         rt.ask("demo", "   \x00\x07  ")
+
+
+def test_an_over_long_question_is_refused_before_any_prefill(rt, monkeypatch):
+    video = rt.encode("demo")
+    fed = []
+    monkeypatch.setattr(rt.llm.decoder, "forward", lambda e, *a: fed.append(len(e)))
     with pytest.raises(BadInput, match="does not fit the planned context"):
-        rt.ask("demo", "why " * 400)
+        rt.ask(video, "why " * 400)
+    assert fed == [] and rt.llm.decoder.length == 0
 
 
 def test_budget_too_small_is_refused_with_the_reason(tiny_bundle):

@@ -169,6 +169,14 @@ def test_the_plan_accounts_for_the_ring_buffer(rt):
         make_plan(rt.manifest, base.total + 1000, 8, 6, ring_frames=100_000)
 
 
+def test_a_watch_plans_its_ring_on_its_own_view_of_the_runtime(rt):
+    before = rt.plan
+    watcher = rt.watch([(i / 2, frame(i)) for i in range(4)], [{"question": "q", "every": "10s", "window": "20s"}])
+    assert rt.plan is before and not any(k.startswith("watch:") for k in rt.plan.parts)
+    assert any(k.startswith("watch: feature ring") for k in watcher.rt.plan.parts)
+    assert watcher.rt.llm is rt.llm and watcher.rt.vision is rt.vision  # one model, shared
+
+
 # ---- a real network source ---------------------------------------------------------------------------------------
 
 class MJPEG(http.server.ThreadingHTTPServer):
