@@ -12,6 +12,8 @@ against the reference (Hugging Face transformers fp32, default sdpa attention).
                    growth, against answering each question from scratch (re-encoding its window)
   sf-bench question-aware  per-question cost of CLIP frame selection (128 candidates) and prompt-guided pooling
                    against plain SlowFast (a ViT-B/16-sized CLIP text tower added to the default workload)
+  sf-bench batch   questions per minute over 24 clips cut from real footage, 4 questions each: one `sf-run ask`
+                   per question against `sf-run batch` (1 and 2 local workers) and on Ray (2 actors)
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ def _main() -> int:
     log = lambda m: print(f"[sf-bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
     workloads.CACHE.mkdir(parents=True, exist_ok=True)
     bundle, ckpt = _workload(a, log)
-    kw = {"video": a.video} if a.suite not in ("llm", "watch") and a.video else {}
+    kw = {"video": a.video} if a.suite not in ("llm", "watch", "batch") and a.video else {}
     if a.suite == "watch":
         kw["minutes"] = a.minutes
     data = SUITES[a.suite](bundle, ckpt, a.repeats, log, **kw)

@@ -12,7 +12,7 @@ from sfedge.runtime.errors import BackendUnavailable
 from . import spawn
 from .probe import read_bandwidth
 from .stats import peak_mb, ratio, summarize
-from .workloads import CACHE, QA_MODES, bikes_video
+from .workloads import CACHE, QA_MODES, batch_footage, bikes_video
 
 SHORT, VISUAL, QUESTION = 30, 3680, 30
 LLM_BACKENDS = ("ours", "transformers-fp32", "bnb-nf4", "llama.cpp Q4_0", "llama.cpp Q4_K_M")
@@ -164,4 +164,34 @@ def question_aware(bundle: Path, ckpt: Path, repeats: int, log, video: str = "de
     return {"results": out}
 
 
-SUITES = {"llm": llm, "e2e": e2e, "vision": vision, "scale": scale, "watch": watch, "question-aware": question_aware}
+NAIVE_VIDEOS = 6  # the naive loop is timed on these videos' questions: a quarter of the job, at its own rate
+BATCH_RUNS = {"naive loop (sf-run ask per question)": ("batch_naive", {"videos": NAIVE_VIDEOS}),
+              "sf-run batch, 1 worker": ("batch_cli", {"workers": 1}),
+              "sf-run batch, 2 workers": ("batch_cli", {"workers": 2}),
+              "sf-run batch --ray, 2 actors": ("batch_cli", {"workers": 2, "ray": True}),
+              "Ray, 2 actors, cluster already up": ("batch_ray_joined", {"workers": 2})}
+
+
+def batch(bundle: Path, ckpt: Path, repeats: int, log, videos: int = 24) -> dict:
+    """Questions per minute over an archive of real clips (4 questions each): the naive loop, the local pool with
+    1 and 2 workers, and Ray with 2 actors (the job starting its own cluster, and joining one already up)."""
+    jobs = str(batch_footage(log, videos))
+    runs, skipped = collect("batch", [Job(name, worker, {"bundle": bundle, "jobs": jobs, **args})
+                                      for name, (worker, args) in BATCH_RUNS.items()], repeats, log)
+    out = {name: {"questions_per_min": summarize([x["questions_per_min"] for x in got]),
+                  "seconds": summarize([x["seconds"] for x in got]), "questions": got[0]["questions"],
+                  "errors": got[0].get("errors", 0), "peak_mb": peak_mb(got)}
+           for name, got in runs.items() if got}
+    rate = {name: row["questions_per_min"] for name, row in out.items()}
+    naive, local2 = rate.get(next(iter(BATCH_RUNS))), rate.get("sf-run batch, 2 workers")
+    figures = {}
+    if naive and "sf-run batch, 1 worker" in rate:
+        figures["one_worker_vs_naive"] = ratio(rate["sf-run batch, 1 worker"], naive, True)
+    for name in list(BATCH_RUNS)[3:]:
+        if local2 and name in rate:  # how much slower than the local pool at the same worker count
+            figures[f"ray_overhead ({name})"] = 1 - rate[name]["median"] / local2["median"]
+    return {"results": out, "skipped": skipped, **figures}
+
+
+SUITES = {"llm": llm, "e2e": e2e, "vision": vision, "scale": scale, "watch": watch, "question-aware": question_aware,
+          "batch": batch}

