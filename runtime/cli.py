@@ -8,8 +8,8 @@ import sys
 
 from . import prompt as prompts
 from .clitools import run_cli
-from .units import parse_size
 from .errors import BadInput
+from .units import parse_size
 
 
 def parser() -> argparse.ArgumentParser:
@@ -117,7 +117,7 @@ def pooling_temperature_option(p) -> None:
 
 
 def runtime_options(p, budget_help: str) -> None:
-    """How a Runtime is loaded: the same flags for ask and watch."""
+    """How a Runtime is loaded: the same flags for ask, watch and batch."""
     p.add_argument("--memory-budget", help=budget_help)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "tensorrt", "auto"])
     p.add_argument("--vision", choices=["fp32", "fp16", "int8"], help="vision graph variant (default int8)")
