@@ -90,16 +90,13 @@ def _torch_lm(backend: str, checkpoint: Path):
         return language_model(full).eval()
     if backend != "bnb-nf4":
         raise BadInput(f"unknown backend {backend}")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise BackendUnavailable("bitsandbytes is not installed (pip install '.[nf4]')") from None
+    from sfedge.export.nf4 import bnb_config
+
+    q = bnb_config()
     lm_dir = CACHE / "lm-hf"
     if not (lm_dir / "config.json").exists():
         full = transformers.LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
         language_model(full).save_pretrained(lm_dir)
-    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                        bnb_4bit_compute_dtype=torch.float32)
     return transformers.AutoModelForCausalLM.from_pretrained(lm_dir, quantization_config=q, device_map="cpu").eval()
 
 

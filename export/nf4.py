@@ -18,7 +18,8 @@ from sfedge.runtime.errors import BackendUnavailable, BadBundle, BadInput
 FOLDER = "llm-nf4"
 
 
-def _bnb_config():
+def bnb_config():
+    """transformers' nf4 quantization config; a clear error where bitsandbytes is missing."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -34,7 +35,7 @@ def write_nf4(lm, bundle: Path, work: Path) -> dict:
     """Quantize the language model to nf4 and save it (packed 4-bit safetensors) under llm-nf4/."""
     import transformers
 
-    config = _bnb_config()
+    config = bnb_config()
     src = work / "lm-fp32"
     lm.save_pretrained(src)
     q = transformers.AutoModelForCausalLM.from_pretrained(src, quantization_config=config, device_map="cpu")

@@ -17,13 +17,13 @@ from . import manifest as manifest_io
 from .answering import error_row
 from .errors import DoesNotFit
 from .jobs import Job, by_video
-from .pipeline import Settings
-from .planner import Plan, make_plan
+from .memory import available_memory
+from .pipeline import Settings, plan_for
 from .pool import run_local
 from .question_aware import check_modes
 from .ray_batch import run_on_ray
 from .results import Results
-from .units import human, parse_size
+from .units import human
 
 LOST = "no answer came back: its worker process died every time it worked on this video"
 
@@ -71,7 +71,7 @@ def run_batch(bundle, jobs: list[Job], out, settings: Settings = Settings(), sam
             n, worker_settings = local_workers(manifest, settings, workers, len(groups))
         with _Tally(results, todo, progress) as tally:
             if ray is not None and groups:
-                actor_bytes = plan_for(manifest, settings, _budget(settings)).total
+                actor_bytes = plan_for(manifest, settings).total
                 n = run_on_ray(ray, bundle, settings, sampling, groups, workers, actor_bytes, tally.on_row, stop,
                                tally.note)
             elif groups:
@@ -126,24 +126,17 @@ class _Tally:
         return time.perf_counter() - self.start
 
 
-def plan_for(manifest: dict, settings: Settings, budget: int | None = None) -> Plan:
-    """One worker's plan: what Runtime.load will plan with these settings and this share of the budget."""
-    return make_plan(manifest, budget, settings.frames, settings.max_new_tokens, settings.vision_variant,
-                     pooling=settings.pooling,
-                     candidates=settings.candidates if settings.frame_selection == "clip" else 0)
-
-
 def local_workers(manifest: dict, settings: Settings, requested: int | str, videos: int) -> tuple[int, Settings]:
     """How many worker processes, and each one's settings: an equal share of the memory budget (planned, so a
     share too small is refused before any work) and of the cores. "auto": the most workers, up to one per core
     and one per video, whose plans fit the budget, or without one the memory available now."""
     cores = len(os.sched_getaffinity(0))
-    budget = _budget(settings)
+    budget = settings.budget
     if requested == "auto":
-        room = budget or _available_memory()
+        room = budget or available_memory()
         for n in range(max(min(cores, videos), 1), 0, -1):
             try:
-                plan = plan_for(manifest, settings, budget // n if budget else None)
+                plan = plan_for(manifest, _share(settings, budget, n))
             except DoesNotFit:
                 if n == 1:
                     raise
@@ -153,27 +146,15 @@ def local_workers(manifest: dict, settings: Settings, requested: int | str, vide
     else:
         n = max(min(int(requested), videos), 1)
         try:
-            plan_for(manifest, settings, budget // n if budget else None)
+            plan_for(manifest, _share(settings, budget, n))
         except DoesNotFit as e:
             if n == 1 or budget is None:
                 raise
             raise DoesNotFit(f"{n} workers share the {human(budget)} memory budget, {human(budget // n)} "
                              f"each: {e}") from None
-    return n, replace(settings, memory_budget=budget // n if budget else None,
-                      threads=settings.threads or max(1, cores // n))
+    return n, replace(_share(settings, budget, n), threads=settings.threads or max(1, cores // n))
 
 
-def _budget(settings: Settings) -> int | None:
-    return parse_size(settings.memory_budget) if settings.memory_budget is not None else None
-
-
-def _available_memory() -> int | None:
-    """MemAvailable (Linux); None elsewhere."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def _share(settings: Settings, budget: int | None, n: int) -> Settings:
+    """One of n workers' settings: an equal share of the memory budget."""
+    return replace(settings, memory_budget=budget // n if budget else None)

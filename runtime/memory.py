@@ -1,4 +1,4 @@
-"""Peak resident memory of this process."""
+"""This process's memory (peak and now) and the machine's memory available, from /proc on Linux."""
 from __future__ import annotations
 
 import os
@@ -8,13 +8,9 @@ import sys
 def peak_rss() -> int:
     """The high-water mark of this program's memory. Linux: VmHWM, which starts afresh at exec (ru_maxrss would
     carry over the parent's peak into a worker process)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = _proc_kib("/proc/self/status", "VmHWM:")
+    if peak is not None:
+        return peak
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -29,3 +25,20 @@ def current_rss() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def available_memory() -> int | None:
+    """MemAvailable: what new processes can use without swapping (Linux; None elsewhere)."""
+    return _proc_kib("/proc/meminfo", "MemAvailable:")
+
+
+def _proc_kib(path: str, key: str) -> int | None:
+    """A "Key: N kB" line of a /proc file, in bytes."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -52,6 +52,20 @@ class Settings:
     pooling_temperature: float | None = None  # default: the bundle's
     scorer: object = None  # a selection.FrameScorer in place of CLIP similarity
 
+    @property
+    def budget(self) -> int | None:
+        return parse_size(self.memory_budget) if self.memory_budget is not None else None
+
+
+def plan_for(manifest: dict, s: Settings) -> Plan:
+    """The memory plan a runtime with these settings runs under (refused with the reason when it does not fit)."""
+    variant = s.vision_variant
+    if variant is None and resolve(s.device) != "cpu":
+        # The bundle's int8 graph is quantized for the CPU kernels; TensorRT and CUDA run fp16/fp32 well.
+        variant = "fp16" if "fp16" in manifest["vision"]["graphs"] else "fp32"
+    return make_plan(manifest, s.budget, s.frames, s.max_new_tokens, variant, pooling=s.pooling,
+                     candidates=s.candidates if s.frame_selection == "clip" else 0)
+
 
 class Runtime:
     def __init__(self, root: Path, manifest: dict, plan: Plan, settings: Settings):
@@ -87,14 +101,7 @@ class Runtime:
         root = Path(bundle)
         m = manifest_io.load(root, verify_hashes=s.verify, hash_cache=manifest_io.HashCache())
         check_modes(root, m, s.frame_selection, s.pooling, s.candidates)
-        budget = parse_size(s.memory_budget) if s.memory_budget is not None else None
-        variant = s.vision_variant
-        if variant is None and resolve(s.device) != "cpu":
-            # The bundle's int8 graph is quantized for the CPU kernels; TensorRT and CUDA run fp16/fp32 well.
-            variant = "fp16" if "fp16" in m["vision"]["graphs"] else "fp32"
-        plan = make_plan(m, budget, s.frames, s.max_new_tokens, variant, pooling=s.pooling,
-                         candidates=s.candidates if s.frame_selection == "clip" else 0)
-        return cls(root, m, plan, s)
+        return cls(root, m, plan_for(m, s), s)
 
     def _providers(self, role: str, device: str | None = None) -> list:
         shapes = engines.profile_shapes(self.manifest, self.plan).get(role)
