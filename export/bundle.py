@@ -54,6 +54,7 @@ class Options:
     allow_mismatched_clip: bool = False
     pooling_kernel: tuple = (2, 3, 3)  # prompt-guided pooling window over T, H, W
     pooling_temperature: float = 0.01
+    hub: dict | None = None  # {"repo_id", "revision"} when the checkpoint was named by a hub id
 
     def check(self):
         if self.slow_pool not in POOLS:
@@ -275,7 +276,8 @@ def _manifest(bundle: Path, ckpt, opts: Options, sections: dict) -> dict:
     runtime will."""
     manifest = {
         "source": {"checkpoint": str(Path(ckpt.path).resolve()), "architecture": ckpt.architecture,
-                   "language_model": ckpt.language_model_type, **({"note": opts.note} if opts.note else {})},
+                   "language_model": ckpt.language_model_type, **(opts.hub or {}),
+                   **({"note": opts.note} if opts.note else {})},
         "tokenizer": "tokenizer.json",
         "visual_tokens_per_video": visual_token_count(opts.num_frames, sections["aggregator"],
                                                       sections["vision"]["patch_grid"]),
