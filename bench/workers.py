@@ -83,21 +83,21 @@ def _torch_lm(backend: str, checkpoint: Path):
     import torch
     import transformers
 
-    from sfedge.export.llm import language_model
-
-    if backend == "transformers-fp32":
-        full = transformers.LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
-        return language_model(full).eval()
-    if backend != "bnb-nf4":
+    if backend not in ("transformers-fp32", "bnb-nf4"):
         raise BadInput(f"unknown backend {backend}")
-    from sfedge.export.nf4 import bnb_config
-
-    q = bnb_config()
     lm_dir = CACHE / "lm-hf"
     if not (lm_dir / "config.json").exists():
-        full = transformers.LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
-        language_model(full).save_pretrained(lm_dir)
-    return transformers.AutoModelForCausalLM.from_pretrained(lm_dir, quantization_config=q, device_map="cpu").eval()
+        from sfedge.export import checkpoint as ckpt_io
+        from sfedge.export.streamed import LayerStream, causal_lm_folder
+
+        ck = ckpt_io.load(checkpoint)
+        causal_lm_folder(LayerStream(ck.shards, ck.model.config.text_config), lm_dir)
+    if backend == "transformers-fp32":
+        return transformers.AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
+    from sfedge.export.nf4 import bnb_config
+
+    return transformers.AutoModelForCausalLM.from_pretrained(lm_dir, quantization_config=bnb_config(),
+                                                             device_map="cpu").eval()
 
 
 def llm_llamacpp(quant: str, context: int) -> dict:

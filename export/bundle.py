@@ -27,6 +27,7 @@ from . import checkpoint as ckpt_io
 from . import clip, fidelity, graphs, llm, llm_fidelity, nf4
 from .aggregator import POOLS, reference_tokens
 from .calibration_reader import FrameReader
+from .streamed import LayerStream, causal_lm_folder
 from .vision import reference_features
 
 VISION_VARIANTS = ("fp32", "fp16", "int8")
@@ -83,6 +84,13 @@ class Log:
     def __call__(self, msg: str):
         if not self.quiet:
             print(f"[sf-export {time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def bar(self, desc: str, total: int):
+        """A per-layer progress bar with its ETA on stderr (silent when quiet)."""
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=f"[sf-export] {desc}", unit="layer", file=sys.stderr, disable=self.quiet,
+                    dynamic_ncols=True)
 
 
 def export(checkpoint_dir, out_dir, opts: Options, log=None) -> dict:
@@ -153,10 +161,10 @@ def _build(ckpt, bundle: Path, work: Path, opts: Options, log, side=None) -> dic
                                                   opts.pooling_temperature, log)
         report.update(checks)
     visual = _slowfast_reference(features, vision, agg)
-    lm, llm_spec, prompt, checks = _language_model(ckpt, bundle, work, opts, visual, log)
+    stream, llm_spec, prompt, checks = _language_model(ckpt, bundle, work, opts, visual, log)
     report.update(checks)
     if opts.nf4:
-        extra["llm_nf4"], report["llm_nf4"] = _nf4(lm, ckpt.tokenizer, bundle, work, opts, report["llm"], log)
+        extra["llm_nf4"], report["llm_nf4"] = _nf4(stream, ckpt.tokenizer, bundle, work, opts, report["llm"], log)
     _gate(report, opts.allow_low_fidelity)
     return _manifest(bundle, ckpt, opts, {"vision": vision, "aggregator": agg, "llm": llm_spec, "prompt": prompt,
                                           "fidelity": report, **extra})
@@ -235,25 +243,26 @@ def _slowfast_reference(features: np.ndarray, vision: dict, agg: dict) -> np.nda
 def _language_model(ckpt, bundle: Path, work: Path, opts: Options, visual: np.ndarray, log):
     """The decoder, its embeddings, tokenizer and prompt section, measured against PyTorch with the calibration
     frames' real visual tokens in front of a question: int4 (and int8 KV) error on them is what text-only checks
-    miss. Returns the PyTorch language model (for nf4), the llm and prompt sections and the verdict."""
+    miss. Both the writing and the reference stream the checkpoint a layer at a time. Returns the layer stream
+    (for nf4), the llm and prompt sections and the verdict."""
     log(f"language model: {ckpt.language_model_type}, {opts.llm_precision}")
-    lm = llm.language_model(ckpt.model)
-    llm_spec = llm.write_llm(lm, ckpt.tokenizer, bundle, work, precision=opts.llm_precision,
+    stream = LayerStream(ckpt.shards, ckpt.model.config.text_config)
+    llm_spec = llm.write_llm(stream, ckpt.tokenizer, bundle, precision=opts.llm_precision,
                              block_size=opts.block_size, scheme=opts.llm_quant, embed_dtype=opts.embeddings,
-                             kv_cache=opts.kv_cache, visual_tokens=visual, log=log)
+                             kv_cache=opts.kv_cache, visual_tokens=visual, log=log, bar=log.bar)
     prompt = spec_from_tokenizer(ckpt.tokenizer, eos_ids(ckpt.model, ckpt.tokenizer))
     ckpt.tokenizer.save_pretrained(work / "tokenizer")
     shutil.copy(work / "tokenizer" / "tokenizer.json", bundle / "tokenizer.json")
-    figures = llm_fidelity.measure(lm, ckpt.tokenizer, bundle, llm_spec, prompt,
-                                   text_tokens=opts.fidelity_text_tokens, visual_tokens=visual, log=log)
-    return lm, llm_spec, prompt, {"llm": llm_fidelity.verdict(figures, opts.llm_precision)}
+    figures = llm_fidelity.measure(stream, ckpt.tokenizer, bundle, llm_spec, prompt,
+                                   text_tokens=opts.fidelity_text_tokens, visual_tokens=visual, log=log, bar=log.bar)
+    return stream, llm_spec, prompt, {"llm": llm_fidelity.verdict(figures, opts.llm_precision)}
 
 
-def _nf4(lm, tokenizer, bundle: Path, work: Path, opts: Options, llm_verdict: dict, log) -> tuple[dict, dict]:
+def _nf4(stream, tokenizer, bundle: Path, work: Path, opts: Options, llm_verdict: dict, log) -> tuple[dict, dict]:
     """The bitsandbytes nf4 copy (the PyTorch hosts' backend): its manifest section and its perplexity verdict,
     against the same PyTorch perplexity as the ONNX decoder's."""
     log("quantizing the language model to bitsandbytes nf4 (the PyTorch hosts' backend)")
-    section = nf4.write_nf4(lm, bundle, work)
+    section = nf4.write_nf4(causal_lm_folder(stream, work / "lm"), bundle)
     ppl = nf4.perplexity(bundle, llm_fidelity.prose_ids(tokenizer, opts.fidelity_text_tokens))
     figures = {"perplexity": {"exported": ppl, "reference": llm_verdict["perplexity"]["reference"]}}
     return section, llm_fidelity.nf4_verdict(figures)

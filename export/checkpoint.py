@@ -7,6 +7,8 @@ from pathlib import Path
 
 from sfedge.runtime.errors import BadCheckpoint
 
+from .shards import Shards
+
 SUPPORTED = (
     "LlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration",
@@ -27,9 +29,10 @@ class Checkpoint:
     path: Path
     architecture: str
     config: dict
-    model: object  # the transformers model, fp32, eval mode
+    model: object  # the transformers model, eval mode: the vision tower and projector in fp32, the rest on "meta"
     tokenizer: object
     vision: dict  # the manifest's "vision" section, less the graphs
+    shards: Shards  # the weights, read a tensor at a time (the language model streams from here)
 
     @property
     def language_model_type(self) -> str:
@@ -67,19 +70,43 @@ def read_config(path: Path) -> dict:
 
 
 def load(path: str | Path) -> Checkpoint:
-    import torch
+    """The checkpoint's config, tokenizer and vision side; the language model is left in its shards (a 7B one is
+    28 GB in fp32) for the export to stream a layer at a time."""
     import transformers
 
     path = Path(path)
     config = read_config(path)
     arch = config.pop("_architecture")
+    shards = Shards(path)
     try:
-        model = getattr(transformers, arch).from_pretrained(path, dtype=torch.float32).eval()
+        cfg = transformers.AutoConfig.from_pretrained(path)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise BadCheckpoint(f"{path}: transformers could not load the checkpoint: {e}") from None
-    cfg = model.config.to_dict()
-    return Checkpoint(path, arch, cfg, model, tokenizer, vision_spec(path, model, tokenizer))
+        raise BadCheckpoint(f"{path}: transformers could not read the checkpoint: {e}") from None
+    model = vision_model(getattr(transformers, arch), cfg, shards)
+    return Checkpoint(path, arch, model.config.to_dict(), model, tokenizer, vision_spec(path, model, tokenizer),
+                      shards)
+
+
+def vision_model(cls, config, shards: Shards):
+    """The LLaVA model with only its vision tower, projector (and image_newline) holding weights, in fp32; the
+    language model stays on the meta device, taking no memory."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():  # parameters on "meta", buffers (position ids, rotary tables) real
+        model = cls(config)
+    wanted = {n: p.shape for n, p in model.named_parameters() if not n.startswith(("model.language_model.",
+                                                                                      "lm_head."))}
+    weights = {}
+    for name, shape in wanted.items():
+        if name not in shards:
+            raise BadCheckpoint(f"{shards.folder}: the weights lack {name}, which config.json's model has")
+        weights[name] = shards.get(name)
+        if weights[name].shape != shape:
+            raise BadCheckpoint(f"{shards.where[name]}: {name} has shape {tuple(weights[name].shape)}, but "
+                                f"config.json gives {tuple(shape)}")
+    model.load_state_dict(weights, strict=False, assign=True)
+    return model.eval()
 
 
 def vision_spec(path: Path, model, tokenizer) -> dict:

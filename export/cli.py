@@ -7,6 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sfedge.runtime import hub
 from sfedge.runtime.clitools import run_cli
 from sfedge.runtime.errors import BadInput
 from sfedge.runtime.tokens import prompt_pooled_count
@@ -22,12 +23,17 @@ def parser() -> argparse.ArgumentParser:
                     "LlavaOnevision) to an edge bundle: vision tower + projector and the SlowFast aggregator as "
                     "ONNX, the language model as a 4-bit ONNX decoder, each checked against PyTorch.",
         epilog="Examples:\n  sf-export ./llava-1.5-7b-hf ./bundle\n  sf-export --demo ./demo-bundle\n"
+               "  sf-export llava-hf/LLaVA-NeXT-Video-7B-hf ./bundle [--revision REV]\n"
                "  sf-export --engines ./bundle --fp16        (on the GPU that will run it)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", nargs="?", help="checkpoint folder (config.json + weights)")
+    p.add_argument("checkpoint", nargs="?",
+                   help="checkpoint folder (config.json + weights), or a Hugging Face hub id (owner/name), fetched "
+                        "into huggingface_hub's cache (HF_HOME; none fetched with HF_HUB_OFFLINE=1)")
     p.add_argument("out", nargs="?", help="bundle folder to write (refused if it exists, unless --force)")
     p.add_argument("--demo", metavar="OUT", help="build the built-in demo bundle: real SmolLM2-135M-Instruct with a "
                                                  "seeded, untrained ViT-B/16-sized CLIP tower")
+    p.add_argument("--revision", help="with a hub id: a branch, tag or commit (default main); the manifest records "
+                                      "the commit")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--engines", metavar="BUNDLE",
                    help="build TensorRT engines of BUNDLE's vision graph and aggregator on this device, into the "
@@ -147,8 +153,9 @@ def summary(out: Path, m: dict) -> str:
         elif name == "llm":
             tf, ppl = f["teacher_forced"], f["perplexity"]
             lines.append(f"  llm ({m['llm']['precision']}): perplexity {ppl['exported']:.2f} (PyTorch "
-                         f"{ppl['reference']:.2f}), teacher-forced min cosine {tf['min_cosine']:.4f}, mean top-5 "
-                         f"overlap {tf['mean_top5_overlap']:.2f}  {'ok' if f['passed'] else 'BELOW THRESHOLD'}")
+                         f"{ppl['reference']:.2f}), next-token KL {ppl['mean_kl']:.3f} nats, teacher-forced min "
+                         f"cosine {tf['min_cosine']:.4f}, mean top-5 overlap {tf['mean_top5_overlap']:.2f}  "
+                         f"{'ok' if f['passed'] else 'BELOW THRESHOLD'}")
         else:
             lines.append(f"  {name:<16} min cosine {f['min_cosine']:.6f}  rel max abs err "
                          f"{f['rel_max_abs_error']:.2e}  {'ok' if f['passed'] else 'BELOW THRESHOLD'}")
@@ -189,6 +196,8 @@ def _main() -> int:
                    "--memory-budget": a.memory_budget}
     if any(engine_only.values()):
         raise BadInput(f"{', '.join(k for k, v in engine_only.items() if v)}: only with --engines BUNDLE")
+    if a.revision and not a.checkpoint:
+        raise BadInput("--revision goes with a hub id (owner/name) as CHECKPOINT")
     if a.quiet or not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is first imported (the GGUF loader's bar)
     from .bundle import Log, export, quiet_libraries
@@ -208,7 +217,11 @@ def _main() -> int:
         return 0
     if not a.checkpoint or not a.out:
         raise BadInput("give CHECKPOINT and OUT (or --demo OUT); see sf-export --help")
-    m = export(a.checkpoint, a.out, options(a), log)
+    opts = options(a)
+    checkpoint, opts.hub = hub.resolve(a.checkpoint, a.revision)
+    if opts.hub:
+        log(f"{a.checkpoint}: commit {opts.hub['revision']} in {checkpoint}")
+    m = export(checkpoint, a.out, opts, log)
     print(summary(Path(a.out), m))
     return 0
 

@@ -1,9 +1,17 @@
-"""The exported decoder against its PyTorch original, on the same tokens (teacher forcing):
-perplexity on English prose, logits cosine and top-5 overlap at each generated position of chat prompts (and of a
-prompt whose prefix is real visual tokens), and where greedy decoding first diverges."""
+"""The exported decoder against its PyTorch original on the same tokens: perplexity and the KL divergence of the
+next-token distribution on English prose (as llama.cpp reports them), and teacher-forced logits (cosine, top-5
+overlap, KL) over the exported model's own greedy continuation of chat prompts and of a prompt behind real visual
+tokens, with the first position where PyTorch's greedy choice differs (where greedy decoding would diverge).
+
+The exported side runs first (ONNX Runtime), then the reference: one layer-streamed fp32 PyTorch pass over every
+sequence (streamed.py), so a 7B model is measured without ever being whole in memory.
+"""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnx
 import torch
 
 from sfedge import calibration
@@ -11,24 +19,30 @@ from sfedge.runtime.decoder import Decoder
 from sfedge.runtime.embeddings import Embeddings
 from sfedge.runtime.prompt import chat, transformers_tokenize
 from sfedge.runtime.prompt import embeds as prompt_embeds
+from sfedge.runtime.sessions import open_session
 
-# The export gate for int4 catches a broken quantization, not a slightly worse one: perplexity within 35% of
-# PyTorch's and a mean top-5 overlap of 3. How each scheme compares with llama.cpp is measured, not gated
-# (see QUANT_SCHEMES in llm.py and tests/test_llm_engine.py).
+from .streamed import LayerStream
+
+# The int4 gate catches a broken quantization, not a slightly worse one: perplexity within 35% of PyTorch's and a
+# mean next-token KL divergence under 0.35 nats, on the prose and behind the prompts. Both hold for any distribution,
+# where top-5 overlap is noise on the near-flat logits of random weights (it is reported, not gated). Measured on
+# SmolLM2-135M (see tests/test_llm_engine.py): imatrix 0.07 nats, rtn 0.14.
 MAX_PPL_RATIO = 1.35
-MIN_TOP5 = 3.0
+MAX_KL = 0.35
+KL_PROSE_POSITIONS = 512  # prose positions whose whole distributions are kept for the KL (a vocab-wide row each)
+QUESTION = "Describe what happens in the video."
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
-    return lse - z[np.arange(len(targets)), targets]
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
-def _stepwise(decoder: Decoder, embeds: np.ndarray) -> np.ndarray:
-    """Logits at every position: the graph computes only the last position's, so feed one token at a time."""
-    decoder.rewind(0)
-    return np.stack([decoder.forward(embeds[i:i + 1]) for i in range(len(embeds))])
+def kl(ref_logits: np.ndarray, got_logits: np.ndarray) -> np.ndarray:
+    """KL(reference || exported) of the next-token distributions, per position, in nats."""
+    p, q = log_softmax(ref_logits), log_softmax(got_logits)
+    return (np.exp(p) * (p - q)).sum(-1)
 
 
 def _top5(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -45,82 +59,144 @@ def prose_ids(tokenizer, count: int) -> np.ndarray:
     return np.array(tokenizer(calibration.english_text(), add_special_tokens=False)["input_ids"][:count])
 
 
-def measure(lm, tokenizer, bundle, llm_spec: dict, prompt: dict, *, text_tokens=2048, positions=32,
-            visual_tokens: np.ndarray | None = None, log=print) -> dict:
-    table = lm.get_input_embeddings().weight.detach()
+def _nll(log_probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    return -log_probs[np.arange(len(targets)), targets]
+
+
+def measure(stream: LayerStream, tokenizer, bundle: Path, llm_spec: dict, prompt: dict, *, text_tokens=2048,
+            positions=32, visual_tokens: np.ndarray | None = None, log=print, bar=None) -> dict:
+    table = stream.embeddings()
     embed = Embeddings(bundle, llm_spec["embeddings"])
-    max_len = max(text_tokens, 4096 if visual_tokens is None else len(visual_tokens) + 512)
-    twin = llm_spec.get("prefill_graph")  # measured as the runtime runs it: prompts through the fp32-KV twin
-    decoder = Decoder(bundle / llm_spec["graph"], {**llm_spec, "max_context": max(max_len, llm_spec["max_context"])},
-                      max_len, prefill_graph=bundle / twin if twin else None)
-    out = {}
-
-    log(f"perplexity on {text_tokens} tokens of English prose")
     ids = prose_ids(tokenizer, text_tokens)
-    with torch.no_grad():
-        ref = lm(input_ids=torch.tensor(ids)[None]).logits[0].numpy()
-    got = _stepwise(decoder, embed(ids))
-    out["perplexity"] = {"tokens": int(len(ids)), "reference": float(np.exp(_nll(ref[:-1], ids[1:]).mean())),
-                         "exported": float(np.exp(_nll(got[:-1], ids[1:]).mean()))}
-
-    log(f"teacher-forced logits on {len(calibration.prompts())} chat prompts, {positions} positions each")
-    cos, top5, diverge = [], [], []
-    for text in calibration.prompts():  # the user turn alone, in one piece: no visual tokens to split it around
-        p_ids = transformers_tokenize(tokenizer)(chat(prompt, text), prompt["add_special_tokens"])
-        c, t, d = _teacher_forced(lm, decoder, embed, table[p_ids], embed(p_ids), positions)
-        cos.append(c), top5.append(t), diverge.append(d)
-    out["teacher_forced"] = _summary(cos, top5, diverge, positions)
-
+    log(f"exported decoder: {len(ids)} tokens of English prose, {positions} greedy tokens after each prompt")
+    got_prose = _prose_logits(bundle, llm_spec, embed(ids), ids)
+    prompts = _prompts(tokenizer, prompt, table, embed, visual_tokens)
+    got_tf = _greedy(bundle, llm_spec, embed, [got for _, got in prompts], positions)
+    del embed
+    log(f"PyTorch reference, fp32, streamed a layer at a time over {len(prompts) + 1} sequences")
+    sequences = [table[ids]] + [torch.cat([ref, table[own[:-1]]]) for (ref, _), (own, _) in zip(prompts, got_tf)]
+    progress = bar("reference", stream.num_layers) if bar else None
+    finals = stream.forward(sequences, progress=progress)
+    if progress:
+        progress.close()
+    head = stream.lm_head()
+    out = {"perplexity": _perplexity(finals[0], head, ids, got_prose)}
+    tf = [_compare(finals[1 + j][-positions:] @ head.T, own, got) for j, (own, got) in enumerate(got_tf)]
+    n_text = len(calibration.prompts())
+    out["teacher_forced"] = _summary(tf[:n_text], positions)
     if visual_tokens is not None:
-        log(f"teacher-forced logits after {len(visual_tokens)} visual tokens")
-        ref_embeds, got_embeds = _video_prompt(tokenizer, prompt, table, embed, visual_tokens)
-        c, t, d = _teacher_forced(lm, decoder, embed, ref_embeds, got_embeds, positions)
-        out["teacher_forced_video"] = _summary([c], [t], [d], positions)
+        out["teacher_forced_video"] = _summary(tf[n_text:], positions)
     return out
 
 
-def _video_prompt(tokenizer, prompt: dict, table, embed, visual_tokens: np.ndarray):
-    """The runtime's prompt around real visual tokens, as PyTorch embeddings (from the checkpoint's table) and as
-    the bundle's (from its embedding file)."""
-    question = "Describe what happens in the video."
+def _prompts(tokenizer, prompt: dict, table: torch.Tensor, embed, visual_tokens):
+    """(PyTorch embeddings, bundle embeddings) of each chat prompt (the user turn alone, in one piece) and, with
+    visual tokens, of the runtime's prompt around them."""
     tokenize = transformers_tokenize(tokenizer)
-    ref = prompt_embeds(prompt, tokenize, lambda ids: table[ids], torch.cat,
-                        torch.from_numpy(visual_tokens).float(), question)
-    got = prompt_embeds(prompt, tokenize, embed, np.concatenate, visual_tokens.astype(np.float32), question)
-    return ref, got
+    out = []
+    for text in calibration.prompts():
+        p_ids = tokenize(chat(prompt, text), prompt["add_special_tokens"])
+        out.append((table[p_ids], embed(p_ids)))
+    if visual_tokens is not None:
+        out.append((prompt_embeds(prompt, tokenize, lambda i: table[i], torch.cat,
+                                  torch.from_numpy(visual_tokens).float(), QUESTION),
+                    prompt_embeds(prompt, tokenize, embed, np.concatenate, visual_tokens.astype(np.float32),
+                                  QUESTION)))
+    return out
 
 
-def _teacher_forced(lm, decoder, embed, ref_embeds: torch.Tensor, got_embeds: np.ndarray, positions):
-    """Reference greedy continuation from PyTorch, then both models scored on prompt + that continuation."""
-    table = lm.get_input_embeddings().weight.detach()
-    with torch.no_grad():
-        gen = lm.generate(inputs_embeds=ref_embeds[None], max_new_tokens=positions, do_sample=False,
-                          min_new_tokens=positions, pad_token_id=0)[0, -positions:]
-        full = torch.cat([ref_embeds, table[gen]])[None]
-        ref = lm(inputs_embeds=full).logits[0, -positions - 1:-1].numpy()
-    decoder.rewind(0)
-    # The prompt in one prefill (as the runtime does), then the continuation one token at a time.
-    got = [decoder.forward(got_embeds)]
-    for tok in gen[:-1].tolist():
-        got.append(decoder.forward(embed([tok])))
-    got = np.stack(got)
-    # greedy from the exported model's own choices
-    decoder.rewind(len(got_embeds))
-    logits, own = got[0], []
-    for _ in range(positions):
-        tok = int(np.argmax(logits))
-        own.append(tok)
-        logits = decoder.forward(embed([tok]))
-    ref_ids = gen.tolist()
-    first = next((i for i, (a, b) in enumerate(zip(own, ref_ids)) if a != b), positions)
-    return _cos(ref, got), _top5(ref, got), first
+def _greedy(bundle: Path, spec: dict, embed, prompts: list[np.ndarray], positions: int):
+    """For each prompt, the exported model's greedy continuation and its logits at each step: the prompt in one
+    prefill, then one token at a time, as the runtime decodes."""
+    max_len = max(len(p) for p in prompts) + positions
+    twin = spec.get("prefill_graph")
+    decoder = Decoder(bundle / spec["graph"], {**spec, "max_context": max(max_len, spec["max_context"])}, max_len,
+                      prefill_graph=bundle / twin if twin else None)
+    out = []
+    for p in prompts:
+        decoder.rewind(0)
+        logits, own, steps = decoder.forward(p), [], []
+        for _ in range(positions):
+            steps.append(logits)
+            own.append(int(np.argmax(logits)))
+            logits = decoder.forward(embed(own[-1:]))
+        out.append((np.array(own), np.stack(steps)))
+    return out
 
 
-def _summary(cos, top5, diverge, positions):
-    cos, top5 = np.concatenate(cos), np.concatenate(top5)
-    return {"positions_per_prompt": positions, "prompts": len(diverge), "min_cosine": float(cos.min()),
+def _prose_logits(bundle: Path, spec: dict, embeds: np.ndarray, ids: np.ndarray, chunk: int = 512) -> dict:
+    """The exported model's NLL of each next prose token, through a copy of the decoder graph that returns every
+    position's logits (the bundle's returns only the last), prefilled in chunks; and the whole log-distributions of
+    the first KL_PROSE_POSITIONS."""
+    graph = bundle / (spec.get("prefill_graph") or spec["graph"])  # with an int8 cache: the fp32-KV prefill graph
+    every = graph.with_name(".every-position.onnx")
+    _every_position(graph, every)
+    try:
+        session = open_session(every)
+        past = {i.name: np.zeros((1, spec["num_kv_heads"], 0, spec["head_dim"]), np.float32)
+                for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+        nll, kept = [], []
+        for start in range(0, len(embeds), chunk):
+            part = embeds[start:start + chunk].astype(np.float32)[None]
+            mask = np.ones((1, start + part.shape[1]), np.int64)
+            logits, *present = session.run(None, {"inputs_embeds": part, "attention_mask": mask, **past})
+            past = dict(zip(past, present))
+            lp = log_softmax(logits[0][:len(ids) - 1 - start])
+            nll.append(_nll(lp, ids[start + 1:start + 1 + len(lp)]))
+            kept.append(lp[:max(0, KL_PROSE_POSITIONS - start)].astype(np.float32))
+        del session
+    finally:
+        every.unlink(missing_ok=True)
+    return {"nll": np.concatenate(nll), "log_probs": np.concatenate(kept)}
+
+
+def _every_position(src: Path, dst: Path) -> None:
+    """The decoder graph with lm_head over every position (its last-position Gather bypassed), reading the same
+    external data file."""
+    model = onnx.load(src, load_external_data=False)
+    gather = next(n for n in model.graph.node if n.name == "/lm_head/prune/Gather")
+    for n in model.graph.node:
+        n.input[:] = [gather.input[0] if i == gather.output[0] else i for i in n.input]
+    index = next(n for n in model.graph.node if n.output[0] == gather.input[1])
+    model.graph.node.remove(gather)
+    model.graph.node.remove(index)
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_param = "sequence_length"
+    onnx.save(model, dst)
+
+
+def _perplexity(final: torch.Tensor, head: torch.Tensor, ids: np.ndarray, got: dict) -> dict:
+    """Both perplexities over the prose, and the mean KL over its first positions; the reference's logits are
+    made a chunk at a time (a vocab-wide row per token)."""
+    nll, kls = [], []
+    for start in range(0, len(ids) - 1, 512):
+        ref = log_softmax((final[start:start + 512] @ head.T).numpy())[:len(ids) - 1 - start]
+        nll.append(_nll(ref, ids[start + 1:start + 1 + len(ref)]))
+        keep = got["log_probs"][start:start + len(ref)]
+        if len(keep):
+            kls.append((np.exp(ref[:len(keep)]) * (ref[:len(keep)] - keep)).sum(-1))
+    kls = np.concatenate(kls)
+    return {"tokens": int(len(ids)), "reference": float(np.exp(np.concatenate(nll).mean())),
+            "exported": float(np.exp(got["nll"].mean())), "kl_positions": int(len(kls)), "mean_kl": float(kls.mean()),
+            "max_kl": float(kls.max())}
+
+
+def _compare(ref: torch.Tensor, own: np.ndarray, got: np.ndarray) -> dict:
+    """The reference's logits at each step of the exported model's greedy path against the exported model's."""
+    ref = ref.numpy()
+    agree = np.argmax(ref, -1) == own
+    return {"cos": _cos(ref, got), "top5": _top5(ref, got), "kl": kl(ref, got),
+            "first": int(np.argmin(agree)) if not agree.all() else len(own)}
+
+
+def _summary(parts: list[dict], positions: int) -> dict:
+    cos = np.concatenate([p["cos"] for p in parts])
+    top5 = np.concatenate([p["top5"] for p in parts])
+    kls = np.concatenate([p["kl"] for p in parts])
+    return {"positions_per_prompt": positions, "prompts": len(parts), "min_cosine": float(cos.min()),
             "mean_cosine": float(cos.mean()), "mean_top5_overlap": float(top5.mean()),
-            "min_top5_overlap": float(top5.min()), "greedy_first_divergence": [int(d) for d in diverge]}
+            "min_top5_overlap": float(top5.min()), "mean_kl": float(kls.mean()), "max_kl": float(kls.max()),
+            "greedy_first_divergence": [p["first"] for p in parts]}
 
 
 def _with_ratio(fig: dict) -> dict:
@@ -132,14 +208,16 @@ def verdict(fig: dict, precision: str) -> dict:
     """The figures of `measure` with their threshold, a line of what was measured, and whether it passed."""
     fig = _with_ratio(fig)
     tf = [fig["teacher_forced"]] + ([fig["teacher_forced_video"]] if "teacher_forced_video" in fig else [])
+    kls = [fig["perplexity"]["mean_kl"]] + [t["mean_kl"] for t in tf]
     if precision == "fp32":
-        ok = fig["teacher_forced"]["min_cosine"] >= 0.9999
+        ok = all(t["min_cosine"] >= 0.9999 for t in tf)
         rule = "teacher-forced min cosine >= 0.9999"
     else:
-        ok = fig["perplexity"]["ratio"] <= MAX_PPL_RATIO and all(t["mean_top5_overlap"] >= MIN_TOP5 for t in tf)
-        rule = f"perplexity <= {MAX_PPL_RATIO}x PyTorch's and teacher-forced mean top-5 overlap >= {MIN_TOP5}"
-    measured = (f"perplexity {fig['perplexity']['ratio']:.3f}x, top-5 overlap "
-                + "/".join(f"{t['mean_top5_overlap']:.2f}" for t in tf))
+        ok = fig["perplexity"]["ratio"] <= MAX_PPL_RATIO and max(kls) <= MAX_KL
+        rule = (f"perplexity <= {MAX_PPL_RATIO}x PyTorch's and mean next-token KL <= {MAX_KL} nats (prose, "
+                f"prompts{', video' if len(tf) > 1 else ''})")
+    measured = (f"perplexity {fig['perplexity']['ratio']:.3f}x, KL " + "/".join(f"{k:.3f}" for k in kls)
+                + ", top-5 overlap " + "/".join(f"{t['mean_top5_overlap']:.2f}" for t in tf))
     return {**fig, "threshold": rule, "measured": measured, "passed": bool(ok)}
 
 

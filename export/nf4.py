@@ -31,13 +31,12 @@ def bnb_config():
                                            bnb_4bit_compute_dtype=torch.float32)
 
 
-def write_nf4(lm, bundle: Path, work: Path) -> dict:
-    """Quantize the language model to nf4 and save it (packed 4-bit safetensors) under llm-nf4/."""
+def write_nf4(src: Path, bundle: Path) -> dict:
+    """Quantize the language model (a standalone CausalLM folder) to nf4 as transformers loads it, and save it
+    (packed 4-bit safetensors) under llm-nf4/."""
     import transformers
 
     config = bnb_config()
-    src = work / "lm-fp32"
-    lm.save_pretrained(src)
     q = transformers.AutoModelForCausalLM.from_pretrained(src, quantization_config=config, device_map="cpu")
     q.save_pretrained(bundle / FOLDER)
     files = sorted(p.relative_to(bundle).as_posix() for p in (bundle / FOLDER).rglob("*") if p.is_file())

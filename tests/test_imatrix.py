@@ -1,14 +1,15 @@
-"""The importance-matrix 4-bit quantizer (export/imatrix.py): symmetric and affine block search, packing and the
-offset correction, and both schemes on tiny checkpoints of two language-model families. Real-weight fidelity is in
+"""The importance-matrix 4-bit quantizer (export/imatrix.py) and the MatMuls the decoder graph writes with it:
+symmetric and affine block search, packing and the offset correction, the mixed scheme's 8-bit layers, and the
+schemes on tiny checkpoints of two language-model families. Real-weight fidelity is in
 test_llm_engine.py."""
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from conftest import export_tiny
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from sfedge.export import imatrix
-from sfedge.runtime.errors import BadCheckpoint
+from sfedge.export.decoder_graph import DataFile, MatMuls, Scheme
 
 rng = np.random.default_rng(0)
 
@@ -92,24 +93,33 @@ def test_8_bit_blocks_reproduce_q8_0():
     assert np.abs(scale[..., None] * (q.astype(np.float32) - 128) - w.reshape(16, 2, 32)).max() <= 1e-7
 
 
-def test_rewritten_graph_computes_the_same_products(tmp_path):
-    """Two MatMuls sharing an input (as gate and up do) and an lm_head, rewritten and run by ONNX Runtime."""
+def matmul_model(tmp_path, ws: dict, scheme: str, bits: dict):
+    """ONNX Runtime on a graph of the weight MatMuls `ws` ({name: w [N, K]}) of one input x, written as the decoder
+    writes them; and the writer's counts."""
+    k = next(iter(ws.values())).shape[1]
+    mm = MatMuls(DataFile(tmp_path / "w.data"), Scheme("int4", scheme, 32, 1))
+    for name, w in ws.items():
+        mm.matmul("x", w, name, name, bits[name], None)
+    mm.data.close()
+    graph = helper.make_graph(mm.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ws],
+                              mm.inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)], ir_version=10),
+              tmp_path / "q.onnx")
+    return ort.InferenceSession(str(tmp_path / "q.onnx")), mm.counts
+
+
+def test_affine_matmuls_compute_the_same_products(tmp_path):
+    """Two MatMuls sharing an input (as gate and up do) and an 8-bit lm_head, run by ONNX Runtime."""
     k, n, vocab = 64, 48, 80
     ws = {"gate": q4_1(n, k), "up": q4_1(n, k)}
     d8 = rng.uniform(0.001, 0.01, (vocab, 2, 1)).astype(np.float32)
     ws["lm_head"] = (d8 * rng.integers(-127, 128, (vocab, 2, 32))).reshape(vocab, k)
-    prefix = {"gate": "/model/layers.0/mlp/gate_proj", "up": "/model/layers.0/mlp/up_proj", "lm_head": "/lm_head"}
-    nodes = [helper.make_node("MatMul", ["x", f"{name}.weight"], [name], f"{prefix[name]}/MatMul") for name in ws]
-    graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ws],
-        [numpy_helper.from_array(w.T.copy(), f"{name}.weight") for name, w in ws.items()])
-    src = tmp_path / "fp32.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), src)
-    counts = imatrix.quantize_graph(src, tmp_path / "q.onnx", None, 32, affine=True)
-    assert counts == {"4-bit": 2, "8-bit": 1}
+    session, counts = matmul_model(tmp_path, ws, "accurate", {"gate": 4, "up": 4, "lm_head": 8})
+    assert counts == {"4-bit": 2, "8-bit": 1, "fp32": 0}
     x = rng.normal(0, 1, (1, 5, k)).astype(np.float32)
-    got = dict(zip(ws, ort.InferenceSession(str(tmp_path / "q.onnx")).run(list(ws), {"x": x})))
+    got = dict(zip(ws, session.run(list(ws), {"x": x})))
     for name in ("gate", "up"):  # fp32 activations: exact up to summation order
         want = x @ ws[name].T
         assert np.abs(got[name] - want).max() <= 1e-5 * np.abs(want).max()
@@ -117,37 +127,23 @@ def test_rewritten_graph_computes_the_same_products(tmp_path):
     assert want @ got["lm_head"].ravel() / np.linalg.norm(want) / np.linalg.norm(got["lm_head"]) >= 0.999
 
 
-def test_symmetric_rewrite_runs_every_matmul_at_4_bits(tmp_path):
+@pytest.mark.parametrize("scheme", ["imatrix", "rtn"])
+def test_symmetric_matmul_runs_at_4_bits(tmp_path, scheme):
     k, n = 64, 48
     w = q4_0(n, k)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], "/lm_head/MatMul")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w.T.copy(), "w")])
-    src = tmp_path / "fp32.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), src)
-    assert imatrix.quantize_graph(src, tmp_path / "q.onnx", None, 32, affine=False) == {"4-bit": 1, "8-bit": 0}
+    session, counts = matmul_model(tmp_path, {"y": w}, scheme, {"y": 4})
+    assert counts == {"4-bit": 1, "8-bit": 0, "fp32": 0}
     x = rng.normal(0, 1, (1, 5, k)).astype(np.float32)
-    got = ort.InferenceSession(str(tmp_path / "q.onnx")).run(["y"], {"x": x})[0].ravel()
+    got = session.run(["y"], {"x": x})[0].ravel()
     want = (x @ w.T).ravel()  # the weights are exact; int8 activations cost a little
     assert want @ got / np.linalg.norm(want) / np.linalg.norm(got) >= 0.999
 
 
-def test_builder_matmuls_map_to_the_pytorch_layers_whose_inputs_they_read(tmp_path):
-    assert imatrix._module_name("/model/layers.3/attn/qkv_proj/MatMul") == "model.layers.3.self_attn.q_proj"
-    assert imatrix._module_name("/model/layers.3/attn/v_proj/MatMul") == "model.layers.3.self_attn.q_proj"
-    assert imatrix._module_name("/model/layers.3/attn/o_proj/MatMul") == "model.layers.3.self_attn.o_proj"
-    assert imatrix._module_name("/model/layers.12/mlp/down_proj/MatMul") == "model.layers.12.mlp.down_proj"
-    assert imatrix._module_name("/lm_head/MatMul") == "lm_head"
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], "/model/layers.0/attn/o_proj/MatMul")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(q4_0(8, 32).T.copy(), "w")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
-              tmp_path / "fp32.onnx")
-    with pytest.raises(BadCheckpoint, match="o_proj/MatMul matches no PyTorch layer.*--llm-quant rtn-mixed"):
-        imatrix.quantize_graph(tmp_path / "fp32.onnx", tmp_path / "q.onnx", {"lm_head": np.ones(32)}, 32, False)
+def test_mixed_scheme_puts_lm_head_and_the_sensitive_layers_at_8_bits():
+    s = Scheme("int4", "rtn-mixed", 32, 16)  # eighths of 16 layers: 0-1 and 14-15; between, every third from 4
+    assert [i for i in range(16) if s.bits(i, "qkv") == 8] == [0, 1, 4, 7, 10, 13, 14, 15]
+    assert s.bits(None, "lm_head") == 8 and s.bits(0, "o") == s.bits(0, "gate") == 4 and s.bits(0, "down") == 8
+    assert Scheme("int4", "imatrix", 32, 16).bits(None, "lm_head") == 4
 
 
 @pytest.mark.parametrize("text,scheme", [("llama", "accurate"), ("qwen2", "accurate"), ("qwen2", "imatrix")])
@@ -158,7 +154,7 @@ def test_tiny_checkpoints_export_with_the_imatrix_schemes(make_checkpoint, tmp_p
     assert q["scheme"] == scheme and q["calibration"]["tokens"] > 0
     # qkv, o, gate, up, down per layer; lm_head
     if scheme == "accurate":
-        assert not q["symmetric"] and q["matmuls"] == {"4-bit": 2 * 5, "8-bit": 1}
+        assert not q["symmetric"] and q["lm_head_bits"] == 8 and q["matmuls"] == {"4-bit": 2 * 5, "8-bit": 1}
     else:
-        assert q["symmetric"] and q["lm_head_bits"] == 4 and q["matmuls"] == {"4-bit": 2 * 5 + 1, "8-bit": 0}
+        assert q["symmetric"] and q["lm_head_bits"] == 4 and q["matmuls"] == {"4-bit": 2 * 5 + 1}
     assert m["fidelity"]["llm"]["teacher_forced"]["mean_cosine"] >= 0.95
