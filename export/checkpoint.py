@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sfedge.runtime.errors import BadCheckpoint
 
-from .shards import Shards
+from .shards import Shards, renamer
 
 SUPPORTED = (
     "LlavaForConditionalGeneration",
@@ -77,24 +77,24 @@ def load(path: str | Path) -> Checkpoint:
     path = Path(path)
     config = read_config(path)
     arch = config.pop("_architecture")
-    shards = Shards(path)
     try:
         cfg = transformers.AutoConfig.from_pretrained(path)
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise BadCheckpoint(f"{path}: transformers could not read the checkpoint: {e}") from None
-    model = vision_model(getattr(transformers, arch), cfg, shards)
+    model, shards = vision_model(getattr(transformers, arch), cfg, path)
     return Checkpoint(path, arch, model.config.to_dict(), model, tokenizer, vision_spec(path, model, tokenizer),
                       shards)
 
 
-def vision_model(cls, config, shards: Shards):
+def vision_model(cls, config, path: Path):
     """The LLaVA model with only its vision tower, projector (and image_newline) holding weights, in fp32; the
-    language model stays on the meta device, taking no memory."""
+    language model stays on the meta device, taking no memory. And the checkpoint's shards, named as its modules."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():  # parameters on "meta", buffers (position ids, rotary tables) real
         model = cls(config)
+    shards = Shards(path, renamer(model))
     wanted = {n: p.shape for n, p in model.named_parameters() if not n.startswith(("model.language_model.",
                                                                                       "lm_head."))}
     weights = {}
@@ -106,7 +106,7 @@ def vision_model(cls, config, shards: Shards):
             raise BadCheckpoint(f"{shards.where[name]}: {name} has shape {tuple(weights[name].shape)}, but "
                                 f"config.json gives {tuple(shape)}")
     model.load_state_dict(weights, strict=False, assign=True)
-    return model.eval()
+    return model.eval(), shards
 
 
 def vision_spec(path: Path, model, tokenizer) -> dict:

@@ -1,14 +1,13 @@
 """A checkpoint's weights, one tensor at a time, straight from its files in the dtype they are stored in (bf16 or
 fp16 on the hub): the export never holds a whole language model.
 
-Names are normalised to transformers' own LLaVA module names (`model.language_model.layers.0...`, `lm_head.weight`,
-`model.vision_tower...`), whichever of the two layouts the files use: the hub's (`language_model.model.layers.0...`,
-which transformers also writes) or the module names themselves.
+Names are the model's own module names (`model.language_model.layers.0...`, `lm_head.weight`,
+`model.vision_tower...`), translated from the files' layout (the hub's `language_model.model.layers.0...`,
+`vision_tower.vision_model...`) by the renames transformers' own loading applies.
 """
 from __future__ import annotations
 
 import json
-import re
 import struct
 from pathlib import Path
 
@@ -16,26 +15,29 @@ import torch
 
 from sfedge.runtime.errors import BadCheckpoint
 
-RENAMES = (
-    (re.compile(r"^language_model\.model\."), "model.language_model."),
-    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
-    (re.compile(r"^(vision_tower|multi_modal_projector|image_newline)"), r"model.\1"),
-)
 LANGUAGE = "model.language_model."
 
 
-def canonical(name: str) -> str:
-    for pattern, repl in RENAMES:
-        name = pattern.sub(repl, name)
-    return name
+def renamer(model):
+    """Checkpoint key -> `model`'s parameter name, by the conversion mapping from_pretrained applies to `model`'s
+    class (a meta-device model is enough)."""
+    from transformers import conversion_mapping, core_model_loading
+
+    transforms = conversion_mapping.get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, core_model_loading.WeightRenaming)]
+    if len(renamings) != len(transforms):  # converters merge or split tensors: not a per-tensor read
+        raise BadCheckpoint(f"{type(model).__name__}: its checkpoint layout needs tensor conversions that a "
+                            f"streamed export does not do")
+    names = model.state_dict()
+    return lambda key: core_model_loading.rename_source_key(key, renamings, [], model.base_model_prefix, names)[0]
 
 
 class Shards:
     """Every tensor name of the checkpoint -> the file holding it; `get` reads one tensor."""
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.where = {canonical(name): path for name, path in _locate(self.folder).items()}
+    def __init__(self, folder: Path, rename=lambda key: key):
+        self.folder, self.rename = Path(folder), rename
+        self.where = {rename(name): path for name, path in _locate(self.folder).items()}
         self._open = {}
 
     def __contains__(self, name: str) -> bool:
@@ -61,23 +63,23 @@ class Shards:
 
     def _file(self, path: Path):
         if path not in self._open:
-            self._open[path] = _Reader(path)
+            self._open[path] = _Reader(path, self.rename)
         return self._open[path]
 
 
 class _Reader:
-    """Tensors of one file by canonical name: safetensors through safe_open, a PyTorch .bin memory-mapped."""
+    """Tensors of one file by their model name: safetensors through safe_open, a PyTorch .bin memory-mapped."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, rename):
         self.path = path
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
             self.handle = safe_open(path, "pt")
-            self.stored = {canonical(n): n for n in self.handle.keys()}
+            self.stored = {rename(n): n for n in self.handle.keys()}
         else:
             self.handle = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            self.stored = {canonical(n): n for n in self.handle}
+            self.stored = {rename(n): n for n in self.handle}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         stored = self.stored[name]
