@@ -161,6 +161,8 @@ def _build(ckpt, bundle: Path, work: Path, opts: Options, log, side=None) -> dic
                                                   opts.pooling_temperature, log)
         report.update(checks)
     visual = _slowfast_reference(features, vision, agg)
+    ckpt.model.to("meta")  # the vision side is written: its fp32 weights make room for the language model's layers
+    ckpt.shards.close()
     stream, llm_spec, prompt, checks = _language_model(ckpt, bundle, work, opts, visual, log)
     report.update(checks)
     if opts.nf4:

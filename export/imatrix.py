@@ -22,7 +22,7 @@ import torch
 
 SHRINK = (0.0, 0.02, 0.05, 0.1)  # affine: fractions of a block's range tried off each end (clipping outliers)
 ISCALE = np.linspace(0.8, 1.2, 17)  # symmetric: multiples of the absmax rounding scale tried per block
-ROWS = 256  # rows quantized at a time: temporaries stay in cache (3x faster than 1,024) and small
+ROWS = 128  # rows quantized at a time: temporaries stay in cache (several times faster than 1,024)
 
 
 def by_rows(fn):
@@ -104,20 +104,17 @@ def symmetric4_blocks(w: np.ndarray, imp: np.ndarray | None, block: int, search:
     peak = torch.gather(wb, -1, wb.abs().argmax(-1, keepdim=True))
     step = -8 / torch.where(peak == 0, torch.ones_like(peak), peak)
     weighted = ib * wb
-    best_q, best_d, best_gain = None, None, None
-    for m in ISCALE if search else (1.0,):
+    steps = ISCALE if search else (1.0,)
+    gains, scales = [], []
+    for m in steps:
         q = (wb * (step * float(m))).round_().clamp_(-8, 7)
-        sxq = (weighted * q).sum(-1, keepdim=True)
-        sqq = (ib * q * q).sum(-1, keepdim=True).clamp_min_(1e-30)
-        gain = sxq * sxq / sqq  # the weighted error is sum(imp * w^2) - gain
-        if best_q is None:
-            best_q, best_d, best_gain = q, sxq / sqq, gain
-            continue
-        better = gain > best_gain
-        best_q = torch.where(better, q, best_q)
-        best_d = torch.where(better, sxq / sqq, best_d)
-        best_gain = torch.maximum(gain, best_gain)
-    return (best_q + 8).to(torch.uint8).numpy(), best_d[..., 0].numpy()
+        sxq = torch.linalg.vecdot(weighted, q)
+        sqq = torch.linalg.vecdot(ib * q, q).clamp_min_(1e-30)
+        gains.append(sxq * sxq / sqq)  # the weighted error is sum(imp * w^2) - gain
+        scales.append(sxq / sqq)
+    best = torch.stack(gains).argmax(0)  # per block, the first step of greatest gain; its rounding redone once
+    q = (wb * (step * torch.tensor(np.asarray(steps, np.float32))[best][..., None])).round_().clamp_(-8, 7)
+    return (q + 8).to(torch.uint8).numpy(), torch.stack(scales).gather(0, best[None])[0].numpy()
 
 
 @by_rows

@@ -67,9 +67,9 @@ class LayerStream:
         module.load_state_dict({k: weights[k] for k in want}, assign=True)
         return module.eval()
 
-    @staticmethod
-    def release(module: torch.nn.Module) -> None:
+    def release(self, module: torch.nn.Module) -> None:
         module.to("meta")
+        self.shards.close()
 
     def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [1, length, head_dim] of positions 0..length-1, by the model's own rotary embedding."""

@@ -8,7 +8,7 @@ import sys
 
 from . import prompt as prompts
 from .clitools import run_cli
-from .errors import BadInput
+from .errors import BadInput, DoesNotFit
 from .units import parse_size
 
 
@@ -52,15 +52,44 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--frames", type=int, help="most frames per window (default: the bundle's, usually 50)")
     runtime_options(w, "e.g. 2GB: plan chunk sizes to fit, the feature ring buffer included")
     batch_parser(sub)
-    pl = sub.add_parser("plan", help="print the memory plan for a budget",
-                        description="Print what a question costs in memory, and the settings that fit a budget.")
-    pl.add_argument("bundle")
-    pl.add_argument("--memory-budget", help="e.g. 6GB")
-    pl.add_argument("--frames", type=int)
+    plan_parser(sub)
+    return p
+
+
+def plan_parser(sub) -> None:
+    from .config_plan import EMBED_WIDTH, SLOW_POOLS
+    from .targets import TARGETS
+
+    pl = sub.add_parser("plan", help="print the memory plan of a bundle, or of a checkpoint before export",
+                        description="Print what a question costs in memory, and the settings that fit a budget: "
+                                    "from a bundle, or before export from a checkpoint's config.json (a folder, or "
+                                    "a hub id owner/name: config.json alone is fetched), for the bundle sf-export "
+                                    "would write with the same options. --target checks the plan against a device "
+                                    "and predicts its decode speed.")
+    pl.add_argument("bundle", metavar="BUNDLE|CHECKPOINT|HUB_ID")
+    pl.add_argument("--target", help=f"a device to fit: {', '.join(TARGETS)}, or this (this machine: its memory "
+                                     f"available now, its read bandwidth probed once)")
+    pl.add_argument("--memory-budget", help="e.g. 6GB (with --target: instead of the target's usable memory)")
+    pl.add_argument("--frames", type=int, help="frames per video (default: the bundle's; a checkpoint: 50)")
     pl.add_argument("--max-new-tokens", type=int, default=128)
     pl.add_argument("--vision", choices=["fp32", "fp16", "int8"])
     question_aware_options(pl)
-    return p
+    g = pl.add_argument_group("a checkpoint or hub id: sf-export's options (a bundle has them already)")
+    g.add_argument("--revision", help="hub id: a branch, tag or commit (default main)")
+    g.add_argument("--slow-frames", type=int, help="slow-pathway frames (default 10)")
+    g.add_argument("--slow-pool", choices=SLOW_POOLS, help="default max1d")
+    g.add_argument("--fast-grid", type=_grid, help="fast-pathway grid per frame, HxW (default 4x4)")
+    g.add_argument("--block-size", type=int, choices=[32, 64, 128], help="4-bit block size (default 32)")
+    g.add_argument("--embeddings", choices=list(EMBED_WIDTH), help="embedding table dtype (default float16)")
+    g.add_argument("--kv-cache", choices=["float32", "int8"], help="KV-cache precision (default float32)")
+
+
+def _grid(value: str) -> tuple:
+    try:
+        h, w = (int(x) for x in value.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected HxW such as 4x4") from None
+    return h, w
 
 
 def batch_parser(sub) -> None:
@@ -283,16 +312,63 @@ def _batch(a) -> int:
 
 
 def _plan(a) -> int:
+    from . import targets
+    from .planner import fit_plan, least_plan, make_plan, most_frames
+
+    m = _plan_manifest(a)
+    budget = parse_size(a.memory_budget) if a.memory_budget else None
+    settings = dict(max_new_tokens=a.max_new_tokens, vision_variant=a.vision, pooling=a.pooling,
+                    candidates=a.candidates if a.frame_selection == "clip" else 0)
+    if not a.target:
+        print(make_plan(m, budget, a.frames, **settings).table())
+        return 0
+    target = targets.get(a.target)
+    plan = fit_plan(m, budget or target.usable, a.frames, **settings)
+    least = least_plan(m, a.frames, **settings).total
+    fits = least <= plan.budget
+    print(plan.table())
+    print(targets.report(m, plan, target, least, 0 if fits else most_frames(m, plan.budget, plan.frames - 1,
+                                                                             **settings)))
+    return 0 if fits else DoesNotFit.exit_code
+
+
+def _plan_manifest(a) -> dict:
+    """The bundle's manifest, or the one sf-export would write from a checkpoint's config.json (a folder or a hub
+    id), announced as such."""
+    from . import hub
     from . import manifest as manifest_io
-    from .planner import make_plan
+    from .config_plan import manifest_from_config, read_config
     from .question_aware import check_modes
 
-    m = manifest_io.load(a.bundle, hash_cache=manifest_io.HashCache())
-    budget = parse_size(a.memory_budget) if a.memory_budget else None
-    check_modes(a.bundle, m, a.frame_selection, a.pooling, a.candidates)
-    print(make_plan(m, budget, a.frames, a.max_new_tokens, a.vision, pooling=a.pooling,
-                    candidates=a.candidates if a.frame_selection == "clip" else 0).table())
-    return 0
+    export_options = {"frames": a.frames, "slow_frames": a.slow_frames, "slow_pool": a.slow_pool,
+                      "fast_grid": a.fast_grid, "block_size": a.block_size, "embeddings": a.embeddings,
+                      "kv_cache": a.kv_cache}
+    folder, record = hub.resolve(a.bundle, a.revision, file="config.json")
+    if (folder / manifest_io.MANIFEST).is_file():
+        fixed = [f"--{k.replace('_', '-')}" for k, v in export_options.items() if v is not None and k != "frames"]
+        if fixed:
+            raise BadInput(f"{', '.join(fixed)}: fixed when {folder} was exported; they go with a checkpoint or hub id")
+        m = manifest_io.load(folder, hash_cache=manifest_io.HashCache())
+        check_modes(folder, m, a.frame_selection, a.pooling, a.candidates)
+        return m
+    if not folder.is_dir():
+        raise BadInput(f"{a.bundle}: no such bundle or checkpoint folder, and not a hub id (owner/name)")
+    if not (folder / "config.json").is_file():
+        raise BadInput(f"{folder}: neither a bundle (manifest.json) nor a checkpoint (config.json)")
+    if (a.frame_selection, a.pooling) != ("uniform", "slowfast"):
+        raise BadInput("question-aware modes are planned from a bundle exported with --clip: a checkpoint's "
+                       "config.json has no CLIP side")
+    where = f"{record['repo_id']}@{record['revision']}" if record else str(folder / "config.json")
+    tokenizer = folder / "tokenizer.json"
+    m = manifest_from_config(read_config(folder), where=where,
+                             tokenizer_bytes=tokenizer.stat().st_size if tokenizer.is_file() else None,
+                             **{k: v for k, v in export_options.items() if v is not None})
+    agg, llm = m["aggregator"], m["llm"]
+    print(f"plan of the bundle sf-export would write from {where} ({m['source']['architecture']}, "
+          f"{m['source']['language_model']}): sizes predicted from config.json; {agg['num_frames']} frames, slow "
+          f"{agg['slow_frames']} ({agg['slow_pool']}), fast {agg['fast_grid'][0]}x{agg['fast_grid'][1]}, int4 blocks "
+          f"of {llm['quantization']['block_size']}, embeddings {llm['embeddings']['dtype']}")
+    return m
 
 
 def _main() -> int:

@@ -31,7 +31,9 @@ class Maybe:
 SCHEMA = {
     "schema_version": int,
     "toolkit_version": str,
-    "source": {"checkpoint": str, "architecture": str, "note": Maybe(str)},
+    # repo_id and revision (the commit): a checkpoint named by its Hugging Face hub id
+    "source": {"checkpoint": str, "architecture": str, "note": Maybe(str), "repo_id": Maybe(str),
+               "revision": Maybe(str)},
     "vision": {
         "image_size": list, "patch_grid": list, "mean": list, "std": list, "select_layer": (int, list),
         "select_strategy": str, "has_cls_token": bool, "tokens_per_frame": int, "hidden_size": int,

@@ -79,8 +79,20 @@ def ring_bytes(v: dict, ring_frames: int, queued_frames: int) -> int:
 def make_plan(manifest: dict, budget: int | None = None, frames: int | None = None, max_new_tokens: int = 256,
               vision_variant: str | None = None, ring_frames: int = 0, queued_frames: int = 0,
               pooling: str = "slowfast", candidates: int = 0) -> Plan:
-    """The largest encode and prefill chunks that fit `budget`. `ring_frames` / `queued_frames`: a watcher's
-    feature ring buffer and frame queue (0 for single videos)."""
+    """The largest encode and prefill chunks that fit `budget`, or DoesNotFit naming what does not.
+    `ring_frames` / `queued_frames`: a watcher's feature ring buffer and frame queue (0 for single videos)."""
+    plan = fit_plan(manifest, budget, frames, max_new_tokens, vision_variant, ring_frames, queued_frames, pooling,
+                    candidates)
+    if budget is not None and plan.total > budget:
+        raise DoesNotFit(_advice(manifest, plan))
+    return plan
+
+
+def fit_plan(manifest: dict, budget: int | None = None, frames: int | None = None, max_new_tokens: int = 256,
+             vision_variant: str | None = None, ring_frames: int = 0, queued_frames: int = 0,
+             pooling: str = "slowfast", candidates: int = 0) -> Plan:
+    """The first plan within `budget` in order of preference (the prefill twin, then the largest encode and prefill
+    chunks), or, when none is, the smallest, for the caller to say by how much it overshoots."""
     v, llm = manifest["vision"], manifest["llm"]
     frames = frames or manifest["aggregator"]["num_frames"]
     if frames < 1:
@@ -111,7 +123,36 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
                             pooling, candidates, parts=parts, budget=budget, sessions=sessions)
                 if budget is None or plan.total <= budget:
                     return plan
-    raise DoesNotFit(_advice(manifest, plan, fixed))
+    return plan
+
+
+def least_plan(manifest: dict, frames: int | None = None, **settings) -> Plan:
+    """The smallest plan of these settings (1-frame encode chunks, the smallest prefill chunk, no prefill twin):
+    what they need at the least."""
+    return fit_plan(manifest, 0, frames, **settings)
+
+
+def most_frames(manifest: dict, budget: int, frames: int, **settings) -> int:
+    """The most frames, up to `frames`, whose plan fits `budget` (0 when not even one frame does)."""
+    for f in range(frames, 0, -1):
+        try:
+            if fit_plan(manifest, budget, f, **settings).total <= budget:
+                return f
+        except DoesNotFit:  # over the model's context
+            continue
+    return 0
+
+
+def decode_bytes_per_token(manifest: dict, context: int) -> int:
+    """What a decode step reads at `context` tokens: every weight of the decoder graph (lm_head included) and the
+    KV cache. Memory bandwidth over this is the ceiling of decode speed."""
+    return llm_file_bytes(manifest) + context * kv_bytes_per_token(manifest["llm"])
+
+
+def llm_file_bytes(manifest: dict) -> int:
+    """The decoder graph's files: its weights, lm_head included."""
+    llm = manifest["llm"]
+    return _size(manifest, llm["graph"], *llm.get("external_data", []))
 
 
 def replan(manifest: dict, plan: Plan, **changes) -> Plan:
@@ -162,14 +203,14 @@ def _vision_weights(manifest: dict, variant: str) -> int:
 
 def _llm_weights(manifest: dict, twin: bool) -> int:
     """The decoder session; the int8-KV bundle's fp32 prefill twin is a second session on the same weights."""
-    llm = manifest["llm"]
-    return int(_size(manifest, llm["graph"], *llm.get("external_data", [])) * SESSION_FACTOR * (2 if twin else 1))
+    return int(llm_file_bytes(manifest) * SESSION_FACTOR * (2 if twin else 1))
 
 
-def _advice(manifest: dict, plan: Plan, fixed: dict) -> str:
+def _advice(manifest: dict, plan: Plan) -> str:
     """Why the smallest plan does not fit the budget, and what would."""
     v, agg, llm = manifest["vision"], manifest["aggregator"], manifest["llm"]
     budget = plan.budget
+    fixed = {k: n for k, n in plan.parts.items() if "activations" not in k}
     biggest = max(fixed, key=fixed.get)
     advice = []
     if plan.vision_variant != "int8" and "int8" in v["graphs"]:
