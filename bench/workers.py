@@ -167,19 +167,19 @@ def e2e_reference(bundle, checkpoint, video: str, frames: int) -> dict:
     from . import reference
 
     torch.set_num_threads(os.cpu_count())
-    c, m = ckpt_io.load(checkpoint), manifest.load(Path(bundle))
+    (model, tokenizer), m = ckpt_io.whole(checkpoint), manifest.load(Path(bundle))
     v = m["vision"]
 
     def answer(q):
         t0 = time.perf_counter()
         first = _FirstToken(t0)
         px = read_frames(video, frames, tuple(v["image_size"])).pixels
-        ids = reference.generate(c.model, c.tokenizer, m, px, q, 32, min_new_tokens=32, streamer=first)
+        ids = reference.generate(model, tokenizer, m, px, q, 32, min_new_tokens=32, streamer=first)
         return {"ttft_s": first.seconds, "total_s": time.perf_counter() - t0, "tokens": len(ids)}
 
     with torch.no_grad():  # warm-up, as ours gets one
-        reference_features(c.model, v, torch.zeros(2, *v["image_size"], 3, dtype=torch.uint8))
-        c.model(inputs_embeds=c.model.get_input_embeddings().weight[:8][None])
+        reference_features(model, v, torch.zeros(2, *v["image_size"], 3, dtype=torch.uint8))
+        model(inputs_embeds=model.get_input_embeddings().weight[:8][None])
     return {"first": answer(FIRST), "follow_up": answer(FOLLOW_UP), "peak_rss": peak_rss()}
 
 

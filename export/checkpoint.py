@@ -5,16 +5,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from sfedge.runtime import config_plan
+from sfedge.runtime.config_plan import SUPPORTED
 from sfedge.runtime.errors import BadCheckpoint
 
 from .shards import Shards, renamer
 
-SUPPORTED = (
-    "LlavaForConditionalGeneration",
-    "LlavaNextForConditionalGeneration",
-    "LlavaNextVideoForConditionalGeneration",
-    "LlavaOnevisionForConditionalGeneration",
-)
 SUPPORTED_LANGUAGE = ("llama", "mistral", "qwen2")
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 # The towers' standard normalisation, used when the checkpoint has no preprocessor_config.json.
@@ -46,14 +42,7 @@ def read_config(path: Path) -> dict:
     if not path.is_dir():
         raise BadCheckpoint(f"{path}: a checkpoint is a folder (config.json and weights), not a file")
     cfg_file = path / "config.json"
-    try:
-        config = json.loads(cfg_file.read_text())
-    except FileNotFoundError:
-        raise BadCheckpoint(f"{cfg_file}: missing; not a Hugging Face checkpoint folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadCheckpoint(f"{cfg_file}: broken JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise BadCheckpoint(f"{cfg_file}: must hold a JSON object")
+    config = config_plan.read_config(path)
     archs = config.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED), None)
     if arch is None:
@@ -85,6 +74,17 @@ def load(path: str | Path) -> Checkpoint:
     model, shards = vision_model(getattr(transformers, arch), cfg, path)
     return Checkpoint(path, arch, model.config.to_dict(), model, tokenizer, vision_spec(path, model, tokenizer),
                       shards)
+
+
+def whole(path: str | Path):
+    """The whole checkpoint in fp32 as transformers loads it, and its tokenizer: the PyTorch original the bench and
+    the tests run as the reference (the export itself never holds it)."""
+    import torch
+    import transformers
+
+    arch = read_config(Path(path))["_architecture"]
+    model = getattr(transformers, arch).from_pretrained(path, dtype=torch.float32).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(path)
 
 
 def vision_model(cls, config, path: Path):

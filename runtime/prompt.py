@@ -55,7 +55,12 @@ def spec_from_tokenizer(tokenizer, eos_ids: list[int]) -> dict:
         text = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], tokenize=False,
                                              add_generation_prompt=True)
         prefix, suffix = text.split(SENTINEL)
-        source, add_special = "chat_template", False  # templates carry their own BOS, as in transformers
+        # As the checkpoint's processor tokenizes the rendered template: with special tokens, so a tokenizer that
+        # adds a BOS (Llama/Vicuna's <s>) adds it, unless the template already wrote it (transformers' own rule).
+        bos = getattr(tokenizer, "bos_token", None)
+        adds_bos = bos is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [
+            tokenizer.bos_token_id]
+        source, add_special = "chat_template", adds_bos and not prefix.startswith(bos)
     else:
         (prefix, suffix), source, add_special = FALLBACK, "llava-1.5 default", True
     end_of_turn = [t for t in END_OF_TURN if t in suffix or t in prefix]

@@ -90,12 +90,16 @@ def test_existing_output_is_refused_and_failed_export_leaves_nothing(make_checkp
         export_tiny(ckpt, out)
     assert (out / "keep.txt").read_text() == "mine"
 
-    from sfedge.export import llm
+    from sfedge.export.decoder_graph import DecoderGraph
 
-    def boom(*a, **k):
-        raise KeyboardInterrupt  # as if Ctrl-C arrived mid-export
+    layer = DecoderGraph.layer
 
-    monkeypatch.setattr(llm, "build_decoder", boom)
+    def boom(graph, i, *a):
+        if i == 1:  # as if Ctrl-C arrived while the second layer streams
+            raise KeyboardInterrupt
+        layer(graph, i, *a)
+
+    monkeypatch.setattr(DecoderGraph, "layer", boom)
     with pytest.raises(KeyboardInterrupt):
         export_tiny(ckpt, tmp_path / "new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -3,6 +3,7 @@ language model, greedy); follow-ups reuse the video's KV prefix; bad inputs give
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,7 +25,7 @@ def rt(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def hf(tiny_bundle):
-    return ckpt_io.load(tiny_bundle[1])
+    return SimpleNamespace(**dict(zip(("model", "tokenizer"), ckpt_io.whole(tiny_bundle[1]))))
 
 
 class DecodeRecorder:
