@@ -20,6 +20,7 @@ import torch
 from sfedge.calibration.frames import sample_frames
 from sfedge.runtime import manifest as manifest_schema
 from sfedge.runtime.errors import BadInput, ExportFailed, LowFidelity
+from sfedge.runtime.memory import give_back
 from sfedge.runtime.prompt import eos_ids, spec_from_tokenizer
 from sfedge.runtime.tokens import slow_indices, visual_token_count
 
@@ -153,6 +154,7 @@ def _build(ckpt, bundle: Path, work: Path, opts: Options, log, side=None) -> dic
     with torch.no_grad():
         features = reference_features(ckpt.model, ckpt.vision, torch.from_numpy(frames)).numpy()
     vision, report = _vision(ckpt, bundle, frames, features, opts, side, log)
+    give_back()  # the tracer's and the quantizer's peak, before the next stage adds its own
     agg, checks = _aggregator(vision, bundle, opts, side, log)
     report.update(checks)
     extra = {}
@@ -161,8 +163,6 @@ def _build(ckpt, bundle: Path, work: Path, opts: Options, log, side=None) -> dic
                                                   opts.pooling_temperature, log)
         report.update(checks)
     visual = _slowfast_reference(features, vision, agg)
-    ckpt.model.to("meta")  # the vision side is written: its fp32 weights make room for the language model's layers
-    ckpt.shards.close()
     stream, llm_spec, prompt, checks = _language_model(ckpt, bundle, work, opts, visual, log)
     report.update(checks)
     if opts.nf4:
@@ -185,13 +185,15 @@ def _vision(ckpt, bundle: Path, frames: np.ndarray, features: np.ndarray, opts: 
         clip.export_vision(ckpt.model, vision, side, fp32, torch.from_numpy(frames[:2]))
     else:
         graphs.export_vision(ckpt.model, vision, fp32, torch.from_numpy(frames[:2]))
+    clip_ref = side and clip.reference_outputs(side, ckpt.model, ckpt.vision, torch.from_numpy(frames))
+    ckpt.model.to("meta")  # traced: the fp32 tower's memory goes to the quantizer (and then the language model)
+    give_back()
     if "fp16" in opts.vision_variants:
         log("converting the vision graph to fp16")
         vision["graphs"]["fp16"] = graphs.convert_fp16(fp32, bundle / "vision.fp16.onnx").name
     if "int8" in opts.vision_variants:
         vision["graphs"]["int8"] = "vision.int8.onnx"
         vision["int8_method"] = _vision_int8(fp32, bundle / "vision.int8.onnx", vision, opts, log)
-    clip_ref = side and clip.reference_outputs(side, ckpt.model, ckpt.vision, torch.from_numpy(frames))
     report = {}
     for precision, rel in vision["graphs"].items():
         out = graphs.run_graph(bundle / rel, {"frames": frames})

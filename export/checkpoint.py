@@ -106,6 +106,7 @@ def vision_model(cls, config, path: Path):
             raise BadCheckpoint(f"{shards.where[name]}: {name} has shape {tuple(weights[name].shape)}, but "
                                 f"config.json gives {tuple(shape)}")
     model.load_state_dict(weights, strict=False, assign=True)
+    shards.close()
     return model.eval(), shards
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sfedge.runtime.memory import give_back
+
 from .decoder_graph import DecoderGraph, Scheme
 from .streamed import Calibration, LayerStream, chunks, mean_square
 
@@ -80,6 +82,7 @@ def write_llm(stream: LayerStream, tokenizer, bundle, *, precision="int4", block
     log(f"language model: {what}{d['num_layers']} layers, each quantized ({precision}, {scheme}) as it streams")
     progress = bar("language model", d["num_layers"]) if bar else None
     finals = stream.forward(samples, Calibration(stream, write_layer), progress)
+    give_back()
     if progress:
         progress.close()
     lm_head_imp = mean_square(torch.cat(finals)) if searched and finals else None

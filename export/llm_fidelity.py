@@ -17,6 +17,7 @@ import torch
 from sfedge import calibration
 from sfedge.runtime.decoder import Decoder
 from sfedge.runtime.embeddings import Embeddings
+from sfedge.runtime.memory import give_back
 from sfedge.runtime.prompt import chat, transformers_tokenize
 from sfedge.runtime.prompt import embeds as prompt_embeds
 from sfedge.runtime.sessions import open_session
@@ -73,6 +74,7 @@ def measure(stream: LayerStream, tokenizer, bundle: Path, llm_spec: dict, prompt
     prompts = _prompts(tokenizer, prompt, table, embed, visual_tokens)
     got_tf = _greedy(bundle, llm_spec, embed, [got for _, got in prompts], positions)
     del embed
+    give_back()  # the ONNX Runtime sessions' memory, before the reference's layers
     log(f"PyTorch reference, fp32, streamed a layer at a time over {len(prompts) + 1} sequences")
     sequences = [table[ids]] + [torch.cat([ref, table[own[:-1]]]) for (ref, _), (own, _) in zip(prompts, got_tf)]
     progress = bar("reference", stream.num_layers) if bar else None

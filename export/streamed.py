@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from sfedge.runtime.errors import BadCheckpoint
+from sfedge.runtime.memory import give_back
 
 from .shards import LANGUAGE, Shards
 
@@ -70,6 +71,7 @@ class LayerStream:
     def release(self, module: torch.nn.Module) -> None:
         module.to("meta")
         self.shards.close()
+        give_back()
 
     def rotary(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [1, length, head_dim] of positions 0..length-1, by the model's own rotary embedding."""

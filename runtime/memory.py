@@ -27,6 +27,24 @@ def current_rss() -> int:
         return 0
 
 
+def total_memory() -> int | None:
+    """MemTotal (Linux; None elsewhere)."""
+    return _proc_kib("/proc/meminfo", "MemTotal:")
+
+
+def give_back() -> None:
+    """Return freed heap memory to the system (glibc keeps it otherwise, so a stage's peak would stay resident for
+    the rest of a long export)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def available_memory() -> int | None:
     """MemAvailable: what new processes can use without swapping (Linux; None elsewhere)."""
     return _proc_kib("/proc/meminfo", "MemAvailable:")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput
-from .memory import _proc_kib, available_memory
+from .memory import available_memory, total_memory
 from .planner import Plan, decode_bytes_per_token, llm_file_bytes
 from .tokens import kv_bytes_per_token
 from .units import human
@@ -78,7 +78,7 @@ def get(name: str) -> Target:
 
 def this_machine() -> Target:
     """This machine: its total memory, what is available now, and its read bandwidth (probed once, cached)."""
-    total = _proc_kib("/proc/meminfo", "MemTotal:")
+    total = total_memory()
     available = available_memory()
     if total is None or available is None:
         raise BadInput("--target this reads /proc/meminfo, which this system lacks; pick a named target")
