@@ -247,18 +247,17 @@ def _slowfast_reference(features: np.ndarray, vision: dict, agg: dict) -> np.nda
 def _language_model(ckpt, bundle: Path, work: Path, opts: Options, visual: np.ndarray, log):
     """The decoder, its embeddings, tokenizer and prompt section, measured against PyTorch with the calibration
     frames' real visual tokens in front of a question: int4 (and int8 KV) error on them is what text-only checks
-    miss. Both the writing and the reference stream the checkpoint a layer at a time. Returns the layer stream
-    (for nf4), the llm and prompt sections and the verdict."""
+    miss. Writing and checking stream the checkpoint a layer at a time. Returns the layer stream (for nf4), the
+    llm and prompt sections and the verdict."""
     log(f"language model: {ckpt.language_model_type}, {opts.llm_precision}")
     stream = LayerStream(ckpt.shards, ckpt.model.config.text_config)
-    llm_spec = llm.write_llm(stream, ckpt.tokenizer, bundle, precision=opts.llm_precision,
-                             block_size=opts.block_size, scheme=opts.llm_quant, embed_dtype=opts.embeddings,
-                             kv_cache=opts.kv_cache, visual_tokens=visual, log=log, bar=log.bar)
     prompt = spec_from_tokenizer(ckpt.tokenizer, eos_ids(ckpt.model, ckpt.tokenizer))
+    llm_spec, figures = llm.write_llm(stream, ckpt.tokenizer, bundle, prompt, precision=opts.llm_precision,
+                                      block_size=opts.block_size, scheme=opts.llm_quant, embed_dtype=opts.embeddings,
+                                      kv_cache=opts.kv_cache, visual_tokens=visual,
+                                      text_tokens=opts.fidelity_text_tokens, log=log, bar=log.bar)
     ckpt.tokenizer.save_pretrained(work / "tokenizer")
     shutil.copy(work / "tokenizer" / "tokenizer.json", bundle / "tokenizer.json")
-    figures = llm_fidelity.measure(stream, ckpt.tokenizer, bundle, llm_spec, prompt,
-                                   text_tokens=opts.fidelity_text_tokens, visual_tokens=visual, log=log, bar=log.bar)
     return stream, llm_spec, prompt, {"llm": llm_fidelity.verdict(figures, opts.llm_precision)}
 
 

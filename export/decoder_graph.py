@@ -44,6 +44,10 @@ class DataFile:
             t.external_data.add(key=key, value=value)
         return t
 
+    def flush(self):
+        if not self.file.closed:
+            self.file.flush()
+
     def close(self):
         self.file.close()
 
@@ -137,6 +141,8 @@ class DecoderGraph(MatMuls):
         self.folder, self.dims, self.kv_int8 = Path(folder), dims, kv_int8
         self.residual = None  # (residual stream, last output to add to it)
         self._attention_inputs(*rotary)
+        self.shared = len(self.nodes)  # the attention-mask nodes every layer reads
+        self.layers = []  # per layer: (first node, end node, input names, output names)
 
     def _attention_inputs(self, cos: np.ndarray, sin: np.ndarray) -> None:
         """seqlens_k (valid length - 1) and the total length, from the attention mask; the rotary caches."""
@@ -173,6 +179,7 @@ class DecoderGraph(MatMuls):
         """Decoder layer i from its fp32 weights `w` (PyTorch names, less the layer prefix) and the importance of
         its MatMul inputs (keyed "qkv", "o", "gate_up", "down")."""
         d, p, imp = self.dims, f"model.layers.{i}", imp or {}
+        start, layer_inputs = len(self.nodes), ["inputs_embeds"] if self.residual is None else list(self.residual)
         x = self._norm(w["input_layernorm.weight"], f"{p}.input_layernorm")
         qkv = np.concatenate([w[f"self_attn.{n}_proj.weight"] for n in "qkv"])
         self.matmul(x, qkv, f"{p}.attn.qkv_proj", f"/{p}/qkv", self.scheme.bits(i, "qkv"), imp.get("qkv"))
@@ -205,10 +212,12 @@ class DecoderGraph(MatMuls):
         self.matmul(f"/{p}/act", w["mlp.down_proj.weight"], f"{p}.mlp.down_proj", f"/{p}/mlp_out",
                     self.scheme.bits(i, "down"), imp.get("down"))
         self.residual = (self.residual, f"/{p}/mlp_out")
+        self.layers.append((start, len(self.nodes), layer_inputs, list(self.residual)))
 
     def finish(self, norm: np.ndarray, lm_head: np.ndarray, imp: np.ndarray | None) -> None:
         """The final norm, the last position picked out, lm_head; then the graph file(s): model.onnx and, with an
         int8 KV cache, its fp32-KV twin prefill.onnx, both reading model.onnx.data."""
+        self.head = (len(self.nodes), list(self.residual))  # first node, input names
         h = self._norm(norm, "model.norm")
         self.nodes.append(helper.make_node("Constant", [], ["/lm_head/last_index"], value=helper.make_tensor(
             "/lm_head/last_value", TensorProto.INT64, [1], [-1])))

@@ -1,17 +1,20 @@
 """The language model at 4-bit, written layer by layer from the checkpoint's shards: calibration activations pass
 through one fp32 decoder layer at a time (streamed.py), that layer's statistics are taken, its weights quantized
-and appended to the graph (decoder_graph.py), and it is dropped. Peak memory is a layer, the embedding table and the
-calibration activations, whatever the depth: a 7B model exports where its fp32 copy (28 GB) would not fit.
+and appended to the graph (decoder_graph.py), and the check sequences pass through it and through the layer just
+written (graph_layers.py); then it is dropped. Peak memory is a layer, the embedding table and the sequences'
+activations, whatever the depth: a 7B model exports where its fp32 copy (28 GB) would not fit.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from sfedge.runtime.memory import give_back
+from sfedge.runtime.embeddings import Embeddings
 
+from . import llm_fidelity
 from .decoder_graph import DecoderGraph, Scheme
-from .streamed import Calibration, LayerStream, chunks, mean_square
+from .graph_layers import GraphLayers
+from .streamed import LayerStream, calibration, chunks, mean_square
 
 QUANT_SCHEMES = {
     # Measured on SmolLM2-135M, perplexity relative to fp32 PyTorch on 2,048 tokens of the GPL-3 text (llama.cpp
@@ -54,49 +57,63 @@ def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.astype(np.float32)
 
 
-def write_llm(stream: LayerStream, tokenizer, bundle, *, precision="int4", block_size=32, scheme="imatrix",
-              embed_dtype="float16", kv_cache="float32", visual_tokens=None, log=print, bar=None) -> dict:
-    """Write llm/ into the bundle; return the manifest's "llm" section (fidelity is added by the caller). `bar`:
-    a progress-bar factory (desc, total) for the per-layer pass."""
+def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision="int4", block_size=32,
+              scheme="imatrix", embed_dtype="float16", kv_cache="float32", visual_tokens=None, text_tokens=2048,
+              log=print, bar=None) -> tuple[dict, dict]:
+    """Write llm/ into the bundle and check it, in one pass over the layers: each fp32 layer sees the calibration
+    sequences (its statistics taken), is quantized and written, then the check sequences pass through it and
+    through the layer just written, in ONNX Runtime. Returns the manifest's "llm" section and the fidelity
+    figures. `bar`: a progress-bar factory (desc, total)."""
     d = dims(stream.config)
     dst = bundle / "llm"
     dst.mkdir()
     table = stream.embeddings()
-    searched = precision == "int4" and scheme in SEARCHED
-    kv_int8 = kv_cache == "int8"
+    embeddings = write_embeddings(table.numpy(), dst, embed_dtype)
+    searched, kv_int8 = precision == "int4" and scheme in SEARCHED, kv_cache == "int8"
     samples = chunks(calibration_samples(table, tokenizer, visual_tokens)) if searched or kv_int8 else []
+    checks = llm_fidelity.sequences(tokenizer, prompt, table, Embeddings(bundle, embeddings), text_tokens,
+                                    visual_tokens)
+    del table
     cos, sin = stream.rotary(d["max_context"])
     graph = DecoderGraph(dst, d, Scheme(precision, scheme, block_size, d["num_layers"]),
                          (cos[0, :, :d["head_dim"] // 2].numpy(), sin[0, :, :d["head_dim"] // 2].numpy()), kv_int8)
+    layers = GraphLayers(graph)
+    exported = [[c.got[None].astype(np.float32)] for c in checks]
     scales = {"k_scales": [], "v_scales": []}
 
-    def write_layer(i, module, importance, kv_max):
-        kv = None
-        if kv_int8:
-            kv = tuple(max(m, 1e-6) / 127 for m in kv_max)
+    def layer(i, module, run):
+        with calibration(stream, module) as stats:
+            run("calibration")
+        kv = tuple(max(m, 1e-6) / 127 for m in stats["kv_max"]) if kv_int8 else None
+        if kv:
             scales["k_scales"].append(kv[0]), scales["v_scales"].append(kv[1])
-        weights = {k: v.numpy() for k, v in module.state_dict().items()}
-        graph.layer(i, weights, importance if searched else None, kv)
+        graph.layer(i, {k: v.numpy() for k, v in module.state_dict().items()},
+                    stats["importance"] if searched else None, kv)
+        run("reference")
+        exported[:] = layers.layer(i, exported)
 
-    what = f"{sum(len(s) for s in samples)} calibration tokens through " if samples else ""
-    log(f"language model: {what}{d['num_layers']} layers, each quantized ({precision}, {scheme}) as it streams")
+    log(f"language model: {d['num_layers']} layers, each calibrated on {sum(len(s) for s in samples)} tokens, "
+        f"quantized ({precision}, {scheme}), written, and checked on {sum(len(c.ref) for c in checks)} tokens in "
+        f"PyTorch fp32 and ONNX Runtime")
     progress = bar("language model", d["num_layers"]) if bar else None
-    finals = stream.forward(samples, Calibration(stream, write_layer), progress)
-    give_back()
-    if progress:
-        progress.close()
-    lm_head_imp = mean_square(torch.cat(finals)) if searched and finals else None
-    graph.finish(stream.shards.get(f"{stream.prefix}norm.weight").numpy(), stream.lm_head().numpy(),
-                 lm_head_imp)
+    try:
+        finals = stream.forward({"calibration": samples, "reference": [c.ref for c in checks]}, layer, progress)
+        head = stream.lm_head()
+        lm_head_imp = mean_square(torch.cat(finals["calibration"])) if searched else None
+        graph.finish(stream.shards.get(f"{stream.prefix}norm.weight").numpy(), head.numpy(), lm_head_imp)
+        figures = llm_fidelity.compare(checks, finals["reference"], head, exported, layers.head())
+    finally:
+        layers.close()
+        if progress:
+            progress.close()
     spec = {"graph": "llm/model.onnx", "external_data": ["llm/model.onnx.data"],
             "architecture": type(stream.skeleton).__name__, "precision": precision,
             "quantization": _record(precision, scheme, block_size, graph.counts, samples),
-            **{k: v for k, v in d.items() if k != "rms_norm_eps"},
-            "embeddings": write_embeddings(table.numpy(), dst, embed_dtype),
+            **{k: v for k, v in d.items() if k != "rms_norm_eps"}, "embeddings": embeddings,
             "kv_dtype": "int8" if kv_int8 else "float32"}
     if kv_int8:
         spec.update(prefill_graph="llm/prefill.onnx", kv_scales=scales)
-    return spec
+    return spec, figures
 
 
 def _record(precision: str, scheme: str, block_size: int, counts: dict, samples: list) -> dict | None:

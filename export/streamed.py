@@ -8,6 +8,7 @@ so the reference is the library's arithmetic, not a rewrite of it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -77,71 +78,74 @@ class LayerStream:
         """cos and sin [1, length, head_dim] of positions 0..length-1, by the model's own rotary embedding."""
         return self.skeleton.model.rotary_emb(torch.zeros(1), torch.arange(length)[None])
 
-    def forward(self, sequences: list[torch.Tensor], observer=None, progress=None) -> list[torch.Tensor]:
-        """Every sequence ([n, hidden] embeddings, attended on its own) through every layer; returns the final
-        normed hidden states. `observer.layer(i, module, run)` is called with each loaded layer, where `run()`
-        passes the sequences through it, so hooks can watch."""
-        hidden = [s.float()[None] for s in sequences]
-        self.tokens = sum(len(s) for s in sequences)
-        rotary = {len(s): self.rotary(len(s)) for s in sequences}
+    def forward(self, groups: dict[str, list[torch.Tensor]], observer=None, progress=None) -> dict:
+        """Groups of sequences ([n, hidden] embeddings, each attended on its own) through every layer; returns each
+        group's final normed hidden states. `observer(i, module, run)` is called with each loaded layer and must
+        call `run(group)` for every group (hooks may watch a run); without an observer every group is run."""
+        hidden = {g: [s.float()[None] for s in seqs] for g, seqs in groups.items()}
+        rotary = {len(s): self.rotary(len(s)) for seqs in groups.values() for s in seqs}
         for i in range(self.num_layers):
             module = self.layer(i)
 
-            def run(module=module):
+            def run(group, module=module):
                 with torch.no_grad():
-                    for j, h in enumerate(hidden):
-                        hidden[j] = module(h, position_embeddings=rotary[h.shape[1]])
+                    hidden[group] = [module(h, position_embeddings=rotary[h.shape[1]]) for h in hidden[group]]
 
-            (observer.layer(i, module, run) if observer else run())
+            if observer:
+                observer(i, module, run)
+            else:
+                for group in hidden:
+                    run(group)
             self.release(module)
             if progress:
                 progress.update(1)
         norm = self.norm()
         with torch.no_grad():
-            out = [norm(h)[0] for h in hidden]
+            out = {g: [norm(h)[0] for h in hs] for g, hs in hidden.items()}
         self.release(norm)
         return out
 
 
-class Calibration:
-    """The observer of the calibration pass: on each layer, the mean square of every MatMul input's channels (the
-    importance the 4-bit search weighs errors by, as llama.cpp's imatrix) and the absmax of keys after RoPE and of
-    values (the int8 KV cache's scales); then `then(i, module, importance, kv_max)` writes the layer."""
+@contextlib.contextmanager
+def calibration(stream: LayerStream, module: torch.nn.Module):
+    """Statistics of the runs inside the block on decoder layer `module`: the mean square of each MatMul input's
+    channels (the importance the 4-bit search weighs errors by, as llama.cpp's imatrix; keyed "qkv", "o",
+    "gate_up", "down") and the absmax of its keys after RoPE and of its values (the int8 KV cache's scales).
+    Yields a dict filled in when the block ends: "importance" and "kv_max"."""
+    sums, kv_max, count, stats = {}, [0.0, 0.0], [0], {}
+    head_dim = module.self_attn.head_dim
 
-    INPUTS = {"self_attn.q_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up", "mlp.down_proj": "down"}
+    def square(key):
+        def hook(_, args, __):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[key] = sums.get(key, 0) + (x * x).sum(0)
+            count[0] += len(x) if key == "qkv" else 0
+        return hook
 
-    def __init__(self, stream: LayerStream, then):
-        self.stream, self.then = stream, then
+    def keys(_, __, out):
+        k = out.view(1, out.shape[1], -1, head_dim).transpose(1, 2)
+        cos, sin = stream.rotary(out.shape[1])
+        k = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(k, k, cos, sin)[0]
+        kv_max[0] = max(kv_max[0], float(k.abs().max()))
 
-    def layer(self, i: int, module: torch.nn.Module, run) -> None:
-        sums, kv_max = {}, [0.0, 0.0]
-        head_dim = module.self_attn.head_dim
+    def values(_, __, out):
+        kv_max[1] = max(kv_max[1], float(out.abs().max()))
 
-        def square(key):
-            def hook(_, args, __):
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
-                sums[key] = sums.get(key, 0) + (x * x).sum(0)
-            return hook
+    handles = [module.get_submodule(name).register_forward_hook(square(key)) for name, key in MATMUL_INPUTS.items()]
+    handles += [module.self_attn.k_proj.register_forward_hook(keys),
+                module.self_attn.v_proj.register_forward_hook(values)]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+    stats["importance"] = {k: (v / max(count[0], 1)).numpy() for k, v in sums.items()} if count[0] else None
+    stats["kv_max"] = tuple(kv_max)
 
-        def keys(_, __, out):
-            k = out.view(1, out.shape[1], -1, head_dim).transpose(1, 2)
-            cos, sin = self.stream.rotary(out.shape[1])
-            k = transformers.models.llama.modeling_llama.apply_rotary_pos_emb(k, k, cos, sin)[0]
-            kv_max[0] = max(kv_max[0], float(k.abs().max()))
 
-        def values(_, __, out):
-            kv_max[1] = max(kv_max[1], float(out.abs().max()))
-
-        handles = [module.get_submodule(name).register_forward_hook(square(key)) for name, key in self.INPUTS.items()]
-        handles += [module.self_attn.k_proj.register_forward_hook(keys),
-                    module.self_attn.v_proj.register_forward_hook(values)]
-        try:
-            run()
-        finally:
-            for h in handles:
-                h.remove()
-        tokens = self.stream.tokens
-        self.then(i, module, {k: (v / tokens).numpy() for k, v in sums.items()}, tuple(kv_max))
+# The input each group of the graph's MatMuls reads: q, k and v share one (one MatMulNBits), gate and up another.
+MATMUL_INPUTS = {"self_attn.q_proj": "qkv", "self_attn.o_proj": "o", "mlp.gate_proj": "gate_up",
+                 "mlp.down_proj": "down"}
 
 
 def chunks(samples: list[np.ndarray]) -> list[torch.Tensor]:
