@@ -27,7 +27,7 @@ def test_the_streamed_reference_is_transformers_whole_model(make_checkpoint, tex
     with torch.no_grad():
         want = [whole.model.language_model(inputs_embeds=s[None]).last_hidden_state[0] @ whole.lm_head.weight.T
                 for s in x]
-    got = [h @ stream.lm_head().T for h in stream.forward(list(x))]
+    got = [h @ stream.lm_head().T for h in stream.forward({"x": list(x)})["x"]]
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
     assert ck.model.model.language_model.layers[0].mlp.up_proj.weight.is_meta  # never loaded whole
