@@ -153,7 +153,8 @@ def summary(out: Path, m: dict) -> str:
         elif name == "llm":
             tf, ppl = f["teacher_forced"], f["perplexity"]
             lines.append(f"  llm ({m['llm']['precision']}): perplexity {ppl['exported']:.2f} (PyTorch "
-                         f"{ppl['reference']:.2f}), next-token KL {ppl['mean_kl']:.3f} nats, teacher-forced min "
+                         f"{ppl['reference']:.2f}), next-token KL {ppl['mean_kl']:.3f} of {ppl['mean_entropy']:.2f} nats, "
+                         f"teacher-forced min "
                          f"cosine {tf['min_cosine']:.4f}, mean top-5 overlap {tf['mean_top5_overlap']:.2f}  "
                          f"{'ok' if f['passed'] else 'BELOW THRESHOLD'}")
         else:

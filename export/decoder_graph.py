@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from sfedge.runtime.errors import BadCheckpoint
+
 from . import imatrix
 
 OPSET = 22
@@ -132,6 +134,12 @@ class MatMuls:
 
 
 
+# Every weight a decoder layer may have, under its PyTorch name: what `DecoderGraph.layer` writes.
+LAYER_WEIGHTS = {"input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.o_proj.weight",
+                 *(f"self_attn.{n}_proj.{kind}" for n in "qkv" for kind in ("weight", "bias")),
+                 *(f"mlp.{n}_proj.weight" for n in ("gate", "up", "down"))}
+
+
 class DecoderGraph(MatMuls):
     """The decoder, a layer at a time: `layer(i, ...)` for each, then `finish(...)` writes the graph file(s)."""
 
@@ -179,6 +187,10 @@ class DecoderGraph(MatMuls):
         """Decoder layer i from its fp32 weights `w` (PyTorch names, less the layer prefix) and the importance of
         its MatMul inputs (keyed "qkv", "o", "gate_up", "down")."""
         d, p, imp = self.dims, f"model.layers.{i}", imp or {}
+        unknown = sorted(set(w) - LAYER_WEIGHTS)
+        if unknown:  # e.g. an o_proj bias or q/k norms: a variant this graph would silently drop
+            raise BadCheckpoint(f"decoder layer {i} has {', '.join(unknown)}, which the exported graph has no place "
+                                f"for; this language-model variant is not supported")
         start, layer_inputs = len(self.nodes), ["inputs_embeds"] if self.residual is None else list(self.residual)
         x = self._norm(w["input_layernorm.weight"], f"{p}.input_layernorm")
         qkv = np.concatenate([w[f"self_attn.{n}_proj.weight"] for n in "qkv"])

@@ -18,13 +18,14 @@ from sfedge import calibration
 from sfedge.runtime.prompt import chat, transformers_tokenize
 from sfedge.runtime.prompt import embeds as prompt_embeds
 
-# The int4 gate catches a broken quantization, not a slightly worse one: perplexity within 35% of PyTorch's and a
-# mean next-token KL divergence under MAX_KL nats on the prose, the chat prompts and the video prompt. Both hold for
-# any distribution, where top-5 overlap is noise on the near-flat logits of random weights (reported, not gated).
-# Measured on SmolLM2-135M (README, "The language model at 4 bits"): imatrix 0.10 / 0.13 / 0.12 (prose, prompts,
-# video), rtn 0.16 / 0.19 / 0.17, accurate 0.003.
+# The int4 gate catches a broken quantization, not a slightly worse one: perplexity within 35% of PyTorch's, and on
+# the prose, the chat prompts and the video prompt a mean next-token KL divergence under a quarter of the reference
+# distribution's own entropy (a broken graph loses about all of it). Both hold for any distribution: top-5 overlap
+# is noise on random weights' logits (reported, not gated), and an absolute KL bound is not either: a correct int4
+# copy of a random-weight 7B (no redundancy to absorb rounding) measures 0.8 nats of 9.5, where the real SmolLM2
+# measures 0.25 of 2.9. Per scheme on SmolLM2: README, "The language model at 4 bits".
 MAX_PPL_RATIO = 1.35
-MAX_KL = 0.5
+MAX_KL_SHARE = 0.25
 ANSWER_TOKENS = 32  # the fixed answer after each prompt: the first tokens of the prose
 CHUNK_VALUES = 1 << 23  # logits made at a time (positions x vocab): 64 MB per float64 copy, whatever the vocab
 QUESTION = "Describe what happens in the video."
@@ -95,7 +96,8 @@ def _positions(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict:
     p, q = log_softmax(ref), log_softmax(got)
     top_r, top_g = np.argpartition(-ref, 5, -1)[:, :5], np.argpartition(-got, 5, -1)[:, :5]
     at = np.arange(len(targets))
-    return {"kl": (np.exp(p) * (p - q)).sum(-1), "ref_nll": -p[at, targets], "got_nll": -q[at, targets],
+    return {"kl": (np.exp(p) * (p - q)).sum(-1), "entropy": -(np.exp(p) * p).sum(-1), "ref_nll": -p[at, targets],
+            "got_nll": -q[at, targets],
             "cos": (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)),
             "top5": np.array([len(set(a) & set(b)) for a, b in zip(top_r, top_g)], np.float64),
             "top1": ref.argmax(-1) == got.argmax(-1)}
@@ -104,6 +106,7 @@ def _positions(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict:
 def _perplexity(f: dict) -> dict:
     return {"tokens": int(len(f["kl"]) + 1), "reference": float(np.exp(f["ref_nll"].mean())),
             "exported": float(np.exp(f["got_nll"].mean())), "mean_kl": float(f["kl"].mean()),
+            "mean_entropy": float(f["entropy"].mean()),
             "max_kl": float(f["kl"].max()), "top1_agreement": float(f["top1"].mean())}
 
 
@@ -112,6 +115,7 @@ def _summary(parts: list[dict]) -> dict:
     return {"positions_per_prompt": ANSWER_TOKENS, "prompts": len(parts), "min_cosine": float(cat["cos"].min()),
             "mean_cosine": float(cat["cos"].mean()), "mean_top5_overlap": float(cat["top5"].mean()),
             "min_top5_overlap": float(cat["top5"].min()), "mean_kl": float(cat["kl"].mean()),
+            "mean_entropy": float(cat["entropy"].mean()),
             "max_kl": float(cat["kl"].max()), "top1_agreement": float(cat["top1"].mean()),
             "first_top1_disagreement": [int(np.argmin(p["top1"])) if not p["top1"].all() else ANSWER_TOKENS
                                         for p in parts]}
@@ -126,16 +130,18 @@ def verdict(fig: dict, precision: str) -> dict:
     """The figures of `compare` with their threshold, a line of what was measured, and whether it passed."""
     fig = _with_ratio(fig)
     tf = [fig["teacher_forced"]] + ([fig["teacher_forced_video"]] if "teacher_forced_video" in fig else [])
-    kls = [fig["perplexity"]["mean_kl"]] + [t["mean_kl"] for t in tf]
+    parts = [fig["perplexity"]] + tf
     if precision == "fp32":
         ok = all(t["min_cosine"] >= 0.9999 for t in tf)
         rule = "teacher-forced min cosine >= 0.9999"
     else:
-        ok = fig["perplexity"]["ratio"] <= MAX_PPL_RATIO and max(kls) <= MAX_KL
-        rule = (f"perplexity <= {MAX_PPL_RATIO}x PyTorch's and mean next-token KL <= {MAX_KL} nats (prose, "
-                f"prompts{', video' if len(tf) > 1 else ''})")
-    measured = (f"perplexity {fig['perplexity']['ratio']:.3f}x, KL " + "/".join(f"{k:.3f}" for k in kls)
-                + ", top-5 overlap " + "/".join(f"{t['mean_top5_overlap']:.2f}" for t in tf))
+        ok = (fig["perplexity"]["ratio"] <= MAX_PPL_RATIO
+              and all(f["mean_kl"] <= MAX_KL_SHARE * f["mean_entropy"] for f in parts))
+        rule = (f"perplexity <= {MAX_PPL_RATIO}x PyTorch's and mean next-token KL <= {MAX_KL_SHARE} x the reference's "
+                f"entropy (prose, prompts{', video' if len(tf) > 1 else ''})")
+    measured = (f"perplexity {fig['perplexity']['ratio']:.3f}x, KL " + "/".join(f"{f['mean_kl']:.3f}" for f in parts)
+                + " of entropy " + "/".join(f"{f['mean_entropy']:.2f}" for f in parts) + " nats, top-5 overlap "
+                + "/".join(f"{t['mean_top5_overlap']:.2f}" for t in tf))
     return {**fig, "threshold": rule, "measured": measured, "passed": bool(ok)}
 
 

@@ -102,7 +102,7 @@ def test_int4_default_fidelity_in_the_demo_manifest(demo_bundle):
     assert fid["passed"] and q["scheme"] == "imatrix" and q["matmuls"] == {"4-bit": 151}
     assert fid["perplexity"]["tokens"] == 2048
     assert fid["perplexity"]["ratio"] <= Q4_0_RATIO  # no worse than llama.cpp Q4_0, relative to fp32
-    # measured on AMD EPYC: KL 0.250 (prose) / 0.241 (prompts), top-5 3.28, mean cosine 0.914, top-1 0.72
+    # measured on AMD EPYC: KL 0.250 (prose) / 0.241 (prompts) nats, top-5 3.28, mean cosine 0.914, top-1 0.72
     assert fid["perplexity"]["mean_kl"] <= 0.35 and fid["teacher_forced"]["mean_kl"] <= 0.35
     assert fid["teacher_forced"]["mean_top5_overlap"] >= 3.0
     assert fid["teacher_forced"]["mean_cosine"] >= 0.88
