@@ -253,7 +253,7 @@ class DecoderGraph(MatMuls):
                 outputs.append(io(f"present.{i}.{kind}", kv_type, kv))
         nodes, inits = self.nodes, self.inits
         if not kv_int8:  # the twin: attention without its scales
-            nodes = [_without_kv_scales(n) for n in nodes]
+            nodes = [without_kv_scales(n) for n in nodes]
             inits = [t for t in inits if not t.name.endswith(("attn.k_scale", "attn.v_scale"))]
         graph = helper.make_graph(nodes, "decoder", inputs, outputs, initializer=inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
@@ -267,7 +267,7 @@ def io(name: str, elem_type: int, shape: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem_type, ["batch_size", *shape])
 
 
-def _without_kv_scales(node):
+def without_kv_scales(node):
     if node.op_type != "GroupQueryAttention" or len(node.input) <= 12:
         return node
     twin = onnx.NodeProto()

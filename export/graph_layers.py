@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from sfedge.runtime.sessions import open_session
 
-from .decoder_graph import OPSET, DecoderGraph, _without_kv_scales
+from .decoder_graph import OPSET, DecoderGraph, without_kv_scales
 
 CHECK_GRAPH = ".check-layer.onnx"  # beside the weights file, whose location the graph names; removed after
 
@@ -63,7 +63,7 @@ class GraphLayers:
 
     def _session(self, nodes, inputs, outputs):
         g = self.graph
-        nodes = [_without_kv_scales(n) for n in nodes]
+        nodes = [without_kv_scales(n) for n in nodes]
         used = {i for n in nodes for i in n.input}
         inits = [t for t in g.inits if t.name in used]
         graph = helper.make_graph(nodes, "check", inputs, [_value(o, TensorProto.FLOAT, None) for o in outputs],
