@@ -10,7 +10,6 @@ import numpy as np
 from sfedge.runtime.errors import BackendUnavailable
 
 from . import spawn
-from .probe import read_bandwidth
 from .stats import peak_mb, ratio, summarize
 from .workloads import CACHE, QA_MODES, batch_footage, bikes_video
 
@@ -61,20 +60,19 @@ def _llm_job(backend: str, bundle: Path, ckpt: Path, n: int) -> Job:
 def llm(bundle: Path, ckpt: Path, repeats: int, log) -> dict:
     """Prefill and decode at a short and a video-length context, with the memory-bandwidth ceiling of a step."""
     from sfedge.runtime import manifest
-    from sfedge.runtime.tokens import kv_bytes_per_token
+    from sfedge.runtime.planner import decode_bytes_per_token
+    from sfedge.runtime.targets import read_bandwidth
 
     contexts = (SHORT, VISUAL + QUESTION)
     runs, skipped = collect("llm", [_llm_job(b, bundle, ckpt, n) for n in contexts for b in LLM_BACKENDS],
                             repeats, log)
     m = manifest.load(bundle)
-    files = [m["llm"]["graph"], *m["llm"].get("external_data", [])]
-    weight_bytes = sum(m["artifacts"][f]["size"] for f in files)
-    bw = read_bandwidth()
+    bw = read_bandwidth(500 * 10**6, repeats=5)
     table = {}
     for n in contexts:
         ref = runs[f"transformers-fp32 @ {n}"]
         ref_p, ref_d = summarize([x["prefill_s"] for x in ref]), summarize([x["decode_tok_s"] for x in ref])
-        step_bytes = weight_bytes + kv_bytes_per_token(m["llm"]) * n
+        step_bytes = decode_bytes_per_token(m, n)
         ceiling = bw / step_bytes
         for b in LLM_BACKENDS:
             got = runs[f"{b} @ {n}"]

@@ -255,12 +255,15 @@ class DecoderGraph(MatMuls):
         if not kv_int8:  # the twin: attention without its scales
             nodes = [without_kv_scales(n) for n in nodes]
             inits = [t for t in inits if not t.name.endswith(("attn.k_scale", "attn.v_scale"))]
-        graph = helper.make_graph(nodes, "decoder", inputs, outputs, initializer=inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                        helper.make_opsetid("com.microsoft", 1)],
-                                  producer_name="sfedge")
-        model.ir_version = 10
-        onnx.save(model, path)
+        onnx.save(as_model(helper.make_graph(nodes, "decoder", inputs, outputs, initializer=inits)), path)
+
+
+def as_model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    """A decoder graph (or part of one) as a model: the opsets its nodes need, ONNX Runtime's IR version."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)], producer_name="sfedge")
+    model.ir_version = 10
+    return model
 
 
 def io(name: str, elem_type: int, shape: list) -> onnx.ValueInfoProto:

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from sfedge.runtime.sessions import open_session
 
-from .decoder_graph import OPSET, DecoderGraph, without_kv_scales
+from .decoder_graph import DecoderGraph, as_model, without_kv_scales
 
 CHECK_GRAPH = ".check-layer.onnx"  # beside the weights file, whose location the graph names; removed after
 
@@ -68,11 +68,8 @@ class GraphLayers:
         inits = [t for t in g.inits if t.name in used]
         graph = helper.make_graph(nodes, "check", inputs, [_value(o, TensorProto.FLOAT, None) for o in outputs],
                                   initializer=inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                        helper.make_opsetid("com.microsoft", 1)])
-        model.ir_version = 10
         g.data.flush()
-        onnx.save(model, self.path)
+        onnx.save(as_model(graph), self.path)
         return open_session(self.path)
 
 

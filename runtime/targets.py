@@ -106,15 +106,15 @@ def cached_bandwidth(total: int) -> float:
     return bandwidth
 
 
-def read_bandwidth(nbytes: int = 256 * 10**6) -> float:
+def read_bandwidth(nbytes: int = 256 * 10**6, repeats: int = 3) -> float:
     """Bytes per second read from memory by all cores at once: numpy sums, which release the GIL, over parts of an
-    array far larger than the caches (sf-bench's probe, the one DECODE_EFFICIENCY is measured against)."""
+    array far larger than the caches (the probe DECODE_EFFICIENCY is measured against; sf-bench runs it too)."""
     n = os.cpu_count() or 1
     parts = np.array_split(np.ones(nbytes // 8), n)
     with ThreadPoolExecutor(n) as pool:
         list(pool.map(np.sum, parts))  # first touch
         best = float("inf")
-        for _ in range(3):
+        for _ in range(repeats):
             t0 = time.perf_counter()
             list(pool.map(np.sum, parts))
             best = min(best, time.perf_counter() - t0)
