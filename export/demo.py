@@ -87,17 +87,12 @@ def build_demo_checkpoint(out: Path) -> Path:
                     lm=lm)
 
 
-def build_clip_checkpoint(llava_dir: Path, out: Path, kind: str = "clip", text_tower: dict = CLIP_TEXT,
-                          seed: int = 0) -> Path:
-    """A seeded, untrained CLIPModel / SiglipModel whose vision tower is the LLaVA checkpoint's, so the two match.
-    No CLIP tokenizer files are reachable here: the text side uses the SmolLM2 tokenizer (vocabulary sized to it)
-    with CLIP's template, a start token before the text and an end token (also the pad) after it. `text_tower`:
-    the text tower's sizes."""
+def clip_tokenizer():
+    """No CLIP tokenizer files are reachable here: the text side uses the SmolLM2 tokenizer with CLIP's template, a
+    start token before the text and an end token (also the pad) after it. Returns (tokenizer, its special ids as
+    CLIPTextConfig fields)."""
     from tokenizers.processors import TemplateProcessing
 
-    llava_dir, out = Path(llava_dir), Path(out)
-    arch = json.loads((llava_dir / "config.json").read_text())["architectures"][0]
-    tower = getattr(transformers, arch).from_pretrained(llava_dir, dtype=torch.float32).model.vision_tower
     tok = copy.deepcopy(smollm2_tokenizer())
     start, end = "<|im_start|>", "<|endoftext|>"
     tok._tokenizer.post_processor = TemplateProcessing(
@@ -106,7 +101,18 @@ def build_clip_checkpoint(llava_dir: Path, out: Path, kind: str = "clip", text_t
     tok.eos_token, tok.pad_token = end, end
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("bos_token_id", start), ("eos_token_id", end),
                                                         ("pad_token_id", end))}
-    text = {**text_tower, "vocab_size": len(tok), **ids}
+    return tok, {**ids, "vocab_size": len(tok)}
+
+
+def build_clip_checkpoint(llava_dir: Path, out: Path, kind: str = "clip", text_tower: dict = CLIP_TEXT,
+                          seed: int = 0) -> Path:
+    """A seeded, untrained CLIPModel / SiglipModel whose vision tower is the LLaVA checkpoint's, so the two match,
+    with `clip_tokenizer()`'s text side. `text_tower`: the text tower's sizes."""
+    llava_dir, out = Path(llava_dir), Path(out)
+    arch = json.loads((llava_dir / "config.json").read_text())["architectures"][0]
+    tower = getattr(transformers, arch).from_pretrained(llava_dir, dtype=torch.float32).model.vision_tower
+    tok, ids = clip_tokenizer()
+    text = {**text_tower, **ids}
     torch.manual_seed(seed)
     if kind == "clip":
         model = transformers.CLIPModel(transformers.CLIPConfig(

@@ -21,6 +21,7 @@ class VisualTokens:
     notes: list = field(default_factory=list)
     key: str = field(default_factory=lambda: uuid.uuid4().hex)  # identifies the KV prefix these tokens fill
     selected_frames: list = field(default_factory=list)  # the slow pathway's frames, or the frames pooled
+    fast_frames: list = field(default_factory=list)  # the fast pathway's frames (SlowFast), source numbering
     encoded: object = None  # question_aware.EncodedFrames
 
     @property
@@ -35,6 +36,7 @@ class Answer:
     visual_tokens: int
     frames_used: list
     selected_frames: list  # slow-pathway frames (SlowFast) or pooled frames (prompt-guided), source numbering
+    fast_frames: list  # fast-pathway frames (SlowFast; empty under prompt-guided pooling), source numbering
     prompt_tokens: int
     generated_tokens: int
     reused_prefix: bool
@@ -42,6 +44,9 @@ class Answer:
     peak_memory_bytes: int
     decode_method: str
     notes: list
+    # With options: each option letter's log-probability as the answer's first token (over the whole vocabulary),
+    # from the logits the answer starts from. sf-eval compares these distributions with the reference's.
+    option_logprobs: list | None = None
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

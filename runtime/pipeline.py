@@ -149,6 +149,7 @@ class Runtime:
         vt.tokens = self.aggregate(outs)
         vt.timings["aggregate"] = time.perf_counter() - t2
         vt.selected_frames = [indices[i] for i in slow_indices(len(outs), self.manifest["aggregator"]["slow_frames"])]
+        vt.fast_frames = indices
         return vt
 
     def encode_pixels(self, pixels: np.ndarray, progress=None, all_outputs: bool = False):
@@ -193,12 +194,14 @@ class Runtime:
         logits = self.llm.decoder.forward(self.llm.embed(ids.question), self.plan.prefill_chunk)
         timings["prefill"] = time.perf_counter() - t0
         prompt_tokens = self.llm.decoder.length
+        option_logprobs = _log_softmax(logits)[ids.option_ids].tolist() if options else None
         tokens = generate(self.llm, logits, max_new_tokens, sampling, min_new_tokens)
 
         def finish(text: str, generated) -> Answer:
             timings["generate"] = generated.seconds
-            return Answer(text, question, vt.count, vt.frame_indices, vt.selected_frames, prompt_tokens,
-                          len(generated.tokens), reused, timings, peak_rss(), vt.decode_method, vt.notes)
+            return Answer(text, question, vt.count, vt.frame_indices, vt.selected_frames, vt.fast_frames,
+                          prompt_tokens, len(generated.tokens), reused, timings, peak_rss(), vt.decode_method,
+                          vt.notes, option_logprobs)
 
         s = AnswerStream(_starting_with(ids.answer_start, text_pieces(self.llm, tokens)), finish)
         if stream:
@@ -250,6 +253,12 @@ class Runtime:
         lm.decoder.forward(np.concatenate([lm.embed(prefix_ids), vt.tokens]), self.plan.prefill_chunk)
         lm.prefix = (vt.key, lm.decoder.length)
         return False
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64).ravel()
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
 
 
 def _starting_with(first: str, pieces):

@@ -42,6 +42,7 @@ class PromptIds:
     prefix: list  # token ids before the visual tokens (with BOS where the template wants it)
     question: list  # token ids after them
     answer_start: str
+    option_ids: list  # with options: each letter's token as the answer's first token
 
 
 def transformers_tokenize(tokenizer) -> Tokenize:
@@ -103,8 +104,7 @@ def build(spec: dict, question: str, style: str = "plain", options: list[str] | 
         raise BadInput(f"prompt style {style!r}: choose one of {', '.join(STYLES)}")
     question = clean_question(question)
     if options:
-        letters = [chr(ord("A") + i) for i in range(len(options))]
-        listed = "\n".join(f"({l}) {clean_question(o)}" for l, o in zip(letters, options))
+        listed = "\n".join(f"({l}) {clean_question(o)}" for l, o in zip(letters(len(options)), options))
         question = f"{question}\nOptions:\n{listed}\nAnswer with the option's letter from the given choices directly."
         style = "multiple-choice" if style == "plain" else style
     answer_start = STYLES[style]
@@ -121,7 +121,25 @@ def token_ids(spec: dict, tokenize: Tokenize, question: str, style: str = "plain
     """The prompt as token ids: the prefix with the template's special tokens, the question part without."""
     p = build(spec, question, style, options)
     return PromptIds(list(tokenize(p.prefix, spec["add_special_tokens"])), list(tokenize(p.question, False)),
-                     p.answer_start)
+                     p.answer_start, option_ids(tokenize, p.answer_start, len(options or [])))
+
+
+def letters(n: int) -> list[str]:
+    return [chr(ord("A") + i) for i in range(n)]
+
+
+def option_ids(tokenize: Tokenize, answer_start: str, n: int) -> list[int]:
+    """The token each option's letter begins the answer with, right after the prefill ("Best option:(A" less
+    "Best option:("): tokenizers that merge or prefix spaces differ here, so it is read, not assumed."""
+    base = list(tokenize(answer_start, False))
+    out = []
+    for letter in letters(n):
+        ids = list(tokenize(answer_start + letter, False))
+        k = next((i for i, (a, b) in enumerate(zip(base, ids)) if a != b), len(base))
+        if k >= len(ids):
+            raise BadInput(f"option letter {letter!r} has no token of its own after {answer_start!r}")
+        out.append(ids[k])
+    return out
 
 
 def embeds(spec: dict, tokenize: Tokenize, embed: Callable[[list], Any], concat: Callable[[list], Any], visual,

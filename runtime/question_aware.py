@@ -111,6 +111,7 @@ class QuestionAware:
         t2 = time.perf_counter()
         src = np.asarray(vt.frame_indices)
         out = replace(vt, tokens=tokens, encoded=None, key=token_key, selected_frames=src[picked].tolist(),
+                      fast_frames=[] if self.pooling == "prompt-guided" else src[fast].tolist(),
                       frame_indices=sorted(set(src[picked].tolist()) | set(src[fast].tolist())))
         self._cache[key] = out
         if len(self._cache) > CACHE_QUESTIONS:

@@ -1,0 +1,271 @@
+"""Train the demo's eyes on synthetic clips, the way LLaVA is built, on this machine's CPU in under an hour:
+
+  stage 1  a small CLIP pair (transformers' CLIPModel: a ViT vision tower and a text tower) trained contrastively
+           on single frames and their captions (`synthetic.caption`);
+  stage 2  LLaVA's stage 1: a LlavaForConditionalGeneration whose tower is that vision tower (frozen) and whose
+           language model is the real SmolLM2-135M-Instruct (frozen); only the projector learns, on SlowFast tokens
+           of 16 frames, to answer the synthetic multiple-choice questions through the runtime's own prompt.
+
+    python -m sfedge.train.demo_model [--out export/demo_weights] [--clips 600] [--work DIR]
+
+Writes `demo_weights.safetensors` (the CLIP pair and the projector, fp16) and `MODEL_CARD.md` (data, steps, losses).
+Seeded: the same command gives the same weights on the same CPU kind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import save_file
+
+from sfedge.export.aggregator import SlowFastAggregator
+from sfedge.export.checkpoint import STANDARD_NORM
+from sfedge.export.demo import clip_tokenizer, smollm2_model, smollm2_tokenizer
+from sfedge.export.vision import VisionGraph, select_features
+from sfedge.runtime import prompt
+from sfedge.runtime.tokens import slow_indices
+from sfedge.runtime.video import read_frames, sample_indices
+
+from . import synthetic as syn
+
+TRAIN_SEED0 = 100_000  # training clips are seeds TRAIN_SEED0..; seeds below it are held out for evaluation
+# The demo's towers and pipeline: 64x64 frames in 16-pixel patches (a 4x4 grid), 16 frames, 4 slow.
+VISION = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, image_size=64,
+              patch_size=16)
+TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64)
+PROJECTION = 256
+PIPELINE = dict(frames=16, slow_frames=4, slow_pool="max1d", fast_grid=(2, 2))
+SELECT = dict(select_layer=-2, select_strategy="default")
+WEIGHTS = "demo_weights.safetensors"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def render_clips(work: Path, seeds) -> tuple[list, np.ndarray]:
+    """Each clip through mp4 and back through the runtime's decoder, as sf-run will see it: [N, 96, 64, 64, 3]."""
+    clips, pixels = [], []
+    for seed in seeds:
+        clip = syn.make_clip(seed)
+        path = syn.write_video(clip, work / f"clip-{seed}.mp4")
+        pixels.append(read_frames(path, syn.FRAMES, (VISION["image_size"],) * 2).pixels)
+        path.unlink()
+        clips.append(clip)
+    return clips, np.stack(pixels)
+
+
+def vision_dict() -> dict:
+    mean, std = STANDARD_NORM["clip_vision_model"]
+    return {**SELECT, "mean": mean, "std": std}
+
+
+def new_clip(seed: int):
+    tok, ids = clip_tokenizer()
+    torch.manual_seed(seed)
+    cfg = transformers.CLIPConfig(text_config={**TEXT, **ids}, vision_config=VISION, projection_dim=PROJECTION)
+    return transformers.CLIPModel(cfg), tok
+
+
+def train_clip(clips, pixels, steps: int, batch: int, seed: int):
+    """Stage 1: in-batch contrastive loss over (frame, caption); a quarter of the frames show the flash, so the
+    rare event is a concept the towers learn, which frame selection then finds."""
+    model, tok = new_clip(seed)
+    v = vision_dict()
+    mean, std = (torch.tensor(v[k]).view(1, 3, 1, 1) * 255.0 for k in ("mean", "std"))
+    to_pixels = lambda px: (torch.from_numpy(px).permute(0, 3, 1, 2).float() - mean) / std  # as the vision graph
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.1)
+    sched = _cosine(opt, steps, warmup=50)
+    rng = np.random.default_rng(seed)
+    model.train()
+    losses = []
+    for step in range(steps):
+        pick = rng.choice(len(clips), batch, replace=False)  # one frame per clip: no duplicate captions
+        frames = [int(rng.choice(list(clips[c].needle_frames()))) if rng.random() < 0.25
+                  else int(rng.integers(syn.FRAMES)) for c in pick]
+        texts = [syn.caption(clips[c], f, rng) for c, f in zip(pick, frames)]
+        enc = tok(texts, padding=True, return_tensors="pt")
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                    pixel_values=to_pixels(pixels[pick, frames]), return_loss=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            log(f"clip step {step}/{steps} loss {np.mean(losses[-50:]):.3f}")
+    return model.eval(), tok, losses
+
+
+def _cosine(opt, steps: int, warmup: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def build_llava(clip, lm, seed: int):
+    """LlavaForConditionalGeneration: the CLIP vision tower, a fresh projector, SmolLM2 (the image token added)."""
+    tok = smollm2_tokenizer()
+    if "<image>" not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    text = transformers.LlamaConfig(**{k: v for k, v in lm.config.to_dict().items()
+                                       if k not in ("architectures", "quantization_config")})
+    text.vocab_size = max(text.vocab_size, len(tok))
+    cfg = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**VISION), text_config=text,
+                                   image_token_id=tok.convert_tokens_to_ids("<image>"),
+                                   vision_feature_layer=SELECT["select_layer"],
+                                   vision_feature_select_strategy=SELECT["select_strategy"])
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    lm.resize_token_embeddings(text.vocab_size)
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.weight.data.copy_(lm.lm_head.weight.data)
+    model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    model.config.architectures = ["LlavaForConditionalGeneration"]
+    return model, tok
+
+
+def tower_features(model, pixels: np.ndarray) -> torch.Tensor:
+    """Select-layer features before the projector, [N, 96, P, C] (the frozen tower runs once per frame)."""
+    graph = VisionGraph(model, vision_dict())
+    out = []
+    with torch.no_grad():
+        for clip_px in pixels:
+            hs = graph.tower(graph.pixel_values(torch.from_numpy(clip_px)), output_hidden_states=True).hidden_states
+            out.append(select_features(hs, SELECT["select_layer"], SELECT["select_strategy"]))
+    return torch.stack(out)
+
+
+class Prompts:
+    """The runtime's own multiple-choice prompt around the visual tokens (`sfedge.runtime.prompt`)."""
+
+    def __init__(self, tok, model):
+        self.spec = prompt.spec_from_tokenizer(tok, prompt.eos_ids(model, tok))
+        self.tokenize = prompt.transformers_tokenize(tok)
+        self.table = model.get_input_embeddings().weight
+
+    def sample(self, question: str, options: list, answer: int, visual: torch.Tensor):
+        ids = prompt.token_ids(self.spec, self.tokenize, question, options=options)
+        seq = torch.cat([self.table[ids.prefix], visual, self.table[ids.question]])
+        return seq, ids.option_ids[answer]
+
+
+def frame_choice(clip, rng, category: str):
+    """(slow frames, fast frames) over the clip's 96: 16 uniform frames, 4 of them slow; half the time the slow
+    ones are what question-aware selection gives, the flash among them."""
+    fast = sample_indices(syn.FRAMES, PIPELINE["frames"])
+    slow = fast[slow_indices(len(fast), PIPELINE["slow_frames"])]
+    if rng.random() < 0.5:
+        hit = int(rng.choice(list(clip.needle_frames())))
+        others = rng.choice([f for f in range(syn.FRAMES) if abs(f - hit) > 6], PIPELINE["slow_frames"] - 1,
+                            replace=False)
+        slow = np.sort(np.concatenate([[hit], others]))
+    elif category == "needle" and not set(clip.needle_frames()) & set(fast.tolist()):
+        return None  # the flash is in no frame: nothing to learn from this draw
+    return slow, fast
+
+
+def train_projector(model, tok, clips, feats, steps: int, batch: int, seed: int):
+    """Stage 2: the projector alone learns; the tower's features are precomputed and SmolLM2 runs in bf16."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    proj = model.model.multi_modal_projector
+    for p in proj.parameters():
+        p.requires_grad_(True)
+    agg = SlowFastAggregator((VISION["image_size"] // VISION["patch_size"],) * 2, 0, PIPELINE["slow_pool"],
+                             PIPELINE["fast_grid"])
+    prompts = Prompts(tok, model)
+    lm, head = model.model.language_model, model.lm_head
+    opt = torch.optim.AdamW(proj.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = _cosine(opt, steps, warmup=30)
+    rng = np.random.default_rng(seed)
+    losses, right = [], []
+    for step in range(steps):
+        seqs, targets = [], []
+        while len(seqs) < batch:
+            c = int(rng.integers(len(clips)))
+            category = str(rng.choice(syn.CATEGORIES))
+            frames = frame_choice(clips[c], rng, category)
+            if frames is None:
+                continue
+            slow, fast = frames
+            q, cands, answer = syn.questions(clips[c], category, rng)
+            x = proj(feats[c, np.concatenate([slow, fast])])
+            visual = agg(x, torch.arange(len(slow)), torch.arange(len(slow), len(slow) + len(fast)))
+            seq, target = prompts.sample(q, cands, cands.index(answer), visual)
+            seqs.append(seq)
+            targets.append(target)
+        lengths = torch.tensor([len(s) for s in seqs])
+        embeds = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+        mask = (torch.arange(embeds.shape[1])[None] < lengths[:, None]).long()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = lm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            logits = head(hidden[torch.arange(batch), lengths - 1]).float()
+        loss = F.cross_entropy(logits, torch.tensor(targets))
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        right += (logits.argmax(-1) == torch.tensor(targets)).tolist()
+        if step % 20 == 0 or step == steps - 1:
+            log(f"projector step {step}/{steps} loss {np.mean(losses[-20:]):.3f} "
+                f"train acc {np.mean(right[-20 * batch:]):.2f}")
+    return losses, right
+
+
+def save(out: Path, clip, model, card: dict) -> Path:
+    """The CLIP pair (its vision tower is the LLaVA tower) and the projector, fp16, in one safetensors file."""
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"clip.{k}": v for k, v in clip.state_dict().items()}
+    tensors |= {f"projector.{k}": v for k, v in model.model.multi_modal_projector.state_dict().items()}
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
+    path = out / WEIGHTS
+    save_file(tensors, path, metadata={"card": json.dumps(card)})
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m sfedge.train.demo_model", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "export" / "demo_weights"))
+    p.add_argument("--clips", type=int, default=600)
+    p.add_argument("--clip-steps", type=int, default=1200)
+    p.add_argument("--clip-batch", type=int, default=128)
+    p.add_argument("--projector-steps", type=int, default=700)
+    p.add_argument("--projector-batch", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="sfedge-train-") as work:
+        clips, pixels = render_clips(Path(work), range(TRAIN_SEED0, TRAIN_SEED0 + a.clips))
+    log(f"rendered {a.clips} clips in {time.time() - t0:.0f} s")
+    clip, _, clip_losses = train_clip(clips, pixels, a.clip_steps, a.clip_batch, a.seed)
+    t1 = time.time()
+    model, tok = build_llava(clip, smollm2_model(), a.seed)
+    feats = tower_features(model, pixels)
+    del pixels
+    losses, right = train_projector(model, tok, clips, feats, a.projector_steps, a.projector_batch, a.seed)
+    t2 = time.time()
+    card = {"clips": a.clips, "train_seeds": [TRAIN_SEED0, TRAIN_SEED0 + a.clips - 1], "seed": a.seed,
+            "clip_steps": a.clip_steps, "clip_batch": a.clip_batch,
+            "clip_final_loss": float(np.mean(clip_losses[-50:])), "projector_steps": a.projector_steps,
+            "projector_batch": a.projector_batch, "projector_final_loss": float(np.mean(losses[-50:])),
+            "projector_final_train_accuracy": float(np.mean(right[-50 * a.projector_batch:])),
+            "minutes": {"clip": round((t1 - t0) / 60, 1), "projector": round((t2 - t1) / 60, 1)},
+            "vision": VISION, "text": TEXT, "projection_dim": PROJECTION, "pipeline": PIPELINE}
+    path = save(Path(a.out), clip, model, card)
+    log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {json.dumps(card)}")
+
+
+if __name__ == "__main__":
+    main()
