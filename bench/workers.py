@@ -164,7 +164,7 @@ def e2e_reference(bundle, checkpoint, video: str, frames: int) -> dict:
     from sfedge.runtime import manifest
     from sfedge.runtime.video import read_frames
 
-    from . import reference
+    from sfedge.export import reference
 
     torch.set_num_threads(os.cpu_count())
     (model, tokenizer), m = ckpt_io.whole(checkpoint), manifest.load(Path(bundle))

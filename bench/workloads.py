@@ -17,12 +17,12 @@ WATCH_RULES = [{"name": "what", "question": "What is happening?", "every": "10s"
 
 
 def _checkpoint(log) -> Path:
-    from sfedge.export.demo import build_demo_checkpoint
+    from sfedge.export.demo import build_workload_checkpoint
 
     ckpt = CACHE / "checkpoint"
     if not (ckpt / "config.json").exists():
         log("building the default workload's checkpoint (ViT-B/16-sized tower + SmolLM2-135M-Instruct)")
-        build_demo_checkpoint(ckpt)
+        build_workload_checkpoint(ckpt)
     return ckpt
 
 

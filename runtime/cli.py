@@ -179,8 +179,8 @@ def _ask(a) -> int:
          f"tokens, encode chunk {rt.plan.encode_chunk}")
     for note in rt.notes:
         _err(f"[sf-run] {note}")
-    if rt.untrained_note:
-        _err(f"[sf-run] note: {rt.untrained_note}")
+    if rt.source_note:
+        _err(f"[sf-run] note: {rt.source_note}")
     _err(f"[sf-run] decoding and encoding {a.video}")
     video = rt.encode(a.video, progress=lambda m: _err(f"[sf-run] {m}"))
     for note in video.notes:
@@ -246,8 +246,8 @@ def _watch(a) -> int:
                            max_new_tokens=a.max_new_tokens)
         for note in rt.notes:
             _err(f"[sf-run] {note}")
-        if rt.untrained_note:
-            _err(f"[sf-run] note: {rt.untrained_note}")
+        if rt.source_note:
+            _err(f"[sf-run] note: {rt.source_note}")
         _err(f"[sf-run] watching {watcher.source.label}: {len(rules)} rule(s), {a.sample_fps:g} frames/s; plan:\n"
              f"{rt.plan.table()}")
         stops = []

@@ -123,7 +123,7 @@ class Runtime:
         return other
 
     @property
-    def untrained_note(self) -> str | None:
+    def source_note(self) -> str | None:
         return self.manifest["source"].get("note")
 
     def encode(self, video, frames: int | None = None, progress=None) -> VisualTokens:

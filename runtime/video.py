@@ -101,6 +101,17 @@ def read_frames(video: str | Path, num_frames: int, size: tuple[int, int]) -> Fr
         cap.release()
 
 
+def read_indices(video: str | Path, indices, size: tuple[int, int]) -> np.ndarray:
+    """The given source frames [F, H, W, 3] (sorted, distinct), by one sequential read: exactly what a uniform or
+    question-aware encode decoded (sf-eval's reference takes the frames the bundle used)."""
+    path = resolve_source(video)
+    kept, n = _keep(path, np.asarray(indices), size)
+    missing = [i for i in indices if i not in kept]
+    if missing:
+        raise BadInput(f"{path}: frame {missing[0]} could not be decoded ({n} frames decode)")
+    return np.stack([kept[i] for i in indices])
+
+
 def _read_image(path: Path, size) -> Frames:
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sfedge.bench.reference import answer_ids
+from sfedge.export.reference import answer_ids
 from sfedge.export import checkpoint as ckpt_io
 from sfedge.runtime import Runtime
 from sfedge.runtime.errors import BadInput, DoesNotFit

@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import transformers
 from safetensors.torch import save_file
 
 from sfedge.export.aggregator import SlowFastAggregator
 from sfedge.export.checkpoint import STANDARD_NORM
-from sfedge.export.demo import clip_tokenizer, smollm2_model, smollm2_tokenizer
+from sfedge.export.demo import demo_clip, demo_llava, smollm2_model
 from sfedge.export.vision import VisionGraph, select_features
 from sfedge.runtime import prompt
 from sfedge.runtime.tokens import slow_indices
@@ -45,6 +44,7 @@ TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_att
             max_position_embeddings=64)
 PROJECTION = 256
 PIPELINE = dict(frames=16, slow_frames=4, slow_pool="max1d", fast_grid=(2, 2))
+CARD = {"vision": VISION, "text": TEXT, "projection_dim": PROJECTION, "pipeline": PIPELINE}  # what the export reads
 SELECT = dict(select_layer=-2, select_strategy="default")
 WEIGHTS = "demo_weights.safetensors"
 
@@ -70,17 +70,11 @@ def vision_dict() -> dict:
     return {**SELECT, "mean": mean, "std": std}
 
 
-def new_clip(seed: int):
-    tok, ids = clip_tokenizer()
-    torch.manual_seed(seed)
-    cfg = transformers.CLIPConfig(text_config={**TEXT, **ids}, vision_config=VISION, projection_dim=PROJECTION)
-    return transformers.CLIPModel(cfg), tok
-
-
 def train_clip(clips, pixels, steps: int, batch: int, seed: int):
     """Stage 1: in-batch contrastive loss over (frame, caption); a quarter of the frames show the flash, so the
     rare event is a concept the towers learn, which frame selection then finds."""
-    model, tok = new_clip(seed)
+    torch.manual_seed(seed)
+    model, tok = demo_clip(CARD)
     v = vision_dict()
     mean, std = (torch.tensor(v[k]).view(1, 3, 1, 1) * 255.0 for k in ("mean", "std"))
     to_pixels = lambda px: (torch.from_numpy(px).permute(0, 3, 1, 2).float() - mean) / std  # as the vision graph
@@ -111,28 +105,6 @@ def train_clip(clips, pixels, steps: int, batch: int, seed: int):
 def _cosine(opt, steps: int, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-
-
-def build_llava(clip, lm, seed: int):
-    """LlavaForConditionalGeneration: the CLIP vision tower, a fresh projector, SmolLM2 (the image token added)."""
-    tok = smollm2_tokenizer()
-    if "<image>" not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    text = transformers.LlamaConfig(**{k: v for k, v in lm.config.to_dict().items()
-                                       if k not in ("architectures", "quantization_config")})
-    text.vocab_size = max(text.vocab_size, len(tok))
-    cfg = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**VISION), text_config=text,
-                                   image_token_id=tok.convert_tokens_to_ids("<image>"),
-                                   vision_feature_layer=SELECT["select_layer"],
-                                   vision_feature_select_strategy=SELECT["select_strategy"])
-    torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(cfg).eval()
-    lm.resize_token_embeddings(text.vocab_size)
-    model.model.language_model.load_state_dict(lm.model.state_dict())
-    model.lm_head.weight.data.copy_(lm.lm_head.weight.data)
-    model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
-    model.config.architectures = ["LlavaForConditionalGeneration"]
-    return model, tok
 
 
 def tower_features(model, pixels: np.ndarray) -> torch.Tensor:
@@ -251,7 +223,7 @@ def main() -> None:
     log(f"rendered {a.clips} clips in {time.time() - t0:.0f} s")
     clip, _, clip_losses = train_clip(clips, pixels, a.clip_steps, a.clip_batch, a.seed)
     t1 = time.time()
-    model, tok = build_llava(clip, smollm2_model(), a.seed)
+    model, tok = demo_llava(clip, smollm2_model(), a.seed)
     feats = tower_features(model, pixels)
     del pixels
     losses, right = train_projector(model, tok, clips, feats, a.projector_steps, a.projector_batch, a.seed)
@@ -261,8 +233,7 @@ def main() -> None:
             "clip_final_loss": float(np.mean(clip_losses[-50:])), "projector_steps": a.projector_steps,
             "projector_batch": a.projector_batch, "projector_final_loss": float(np.mean(losses[-50:])),
             "projector_final_train_accuracy": float(np.mean(right[-50 * a.projector_batch:])),
-            "minutes": {"clip": round((t1 - t0) / 60, 1), "projector": round((t2 - t1) / 60, 1)},
-            "vision": VISION, "text": TEXT, "projection_dim": PROJECTION, "pipeline": PIPELINE}
+            "minutes": {"clip": round((t1 - t0) / 60, 1), "projector": round((t2 - t1) / 60, 1)}, **CARD}
     path = save(Path(a.out), clip, model, card)
     log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {json.dumps(card)}")
 
