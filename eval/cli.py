@@ -91,7 +91,7 @@ def _answer_video(rt, ref, video: Path, group: list, max_new_tokens: int) -> lis
     except Exception as e:  # an undecodable video must not end a run of thousands of questions
         _err(f"  error: {cause(e)}")
         return [report.error_row(q, cause(e)) for q in group]
-    rows = []
+    rows, video_timings = [], dict(vt.timings)
     for q in group:
         try:
             ans = rt.ask(vt, q.question, options=q.options, max_new_tokens=max_new_tokens)
@@ -99,7 +99,8 @@ def _answer_video(rt, ref, video: Path, group: list, max_new_tokens: int) -> lis
             _err(f"  {q.id}: error: {cause(e)}")
             rows.append(report.error_row(q, cause(e)))
             continue
-        row = report.answer_row(q, ans.text, ans.option_logprobs)
+        row = report.answer_row(q, ans.text, ans.option_logprobs, {**ans.timings, **video_timings})
+        video_timings = {}  # paid once, by the video's first answer
         if ref is not None:  # on the frames the bundle saw, so only the models differ
             text, logprobs = ref.answer(video, q.question, q.options, ans.selected_frames, ans.fast_frames,
                                         max_new_tokens)

@@ -18,10 +18,11 @@ from .scoring import choose
 INSTALL = 'pip install "sfedge[eval]"'
 
 
-def answer_row(q: Question, text: str, option_logprobs: list | None) -> dict:
+def answer_row(q: Question, text: str, option_logprobs: list | None, timings: dict | None = None) -> dict:
+    """`timings`: the runtime's seconds per stage for this answer (the video's decode and encode on its first)."""
     choice = choose(text, q.options)
     return {**_row(q), "text": text, "choice": choice.index, "parse": choice.kind,
-            "correct": choice.index == q.answer, "option_logprobs": option_logprobs}
+            "correct": choice.index == q.answer, "option_logprobs": option_logprobs, "timings": timings}
 
 
 def error_row(q: Question, why: str) -> dict:
@@ -38,7 +39,7 @@ def with_reference(row: dict, text: str, option_logprobs: list | None) -> dict:
 def _row(q: Question) -> dict:
     return {"id": q.id, "video": str(q.video), "category": q.category, "question": q.question, "options": q.options,
             "answer": q.answer, "text": None, "choice": None, "parse": None, "correct": None,
-            "option_logprobs": None, "error": None}
+            "option_logprobs": None, "error": None, "timings": None}
 
 
 def summarize(rows: list[dict], fidelity: dict, reference: bool, **meta) -> dict:
@@ -48,7 +49,20 @@ def summarize(rows: list[dict], fidelity: dict, reference: bool, **meta) -> dict
             "chance": sum(1 / len(r["options"]) for r in rows) / len(rows),
             "overall": _group(rows, reference),
             "categories": {c: _group([r for r in rows if r["category"] == c], reference) for c in categories},
-            "fidelity": fidelity_summary(fidelity)}
+            "speed": speed(rows), "fidelity": fidelity_summary(fidelity)}
+
+
+VIDEO_STAGES = ("decode", "encode", "aggregate")
+
+
+def speed(rows: list[dict]) -> dict:
+    """Medians, seconds: per video, its decode and encode (paid once); per question, the rest (question-aware
+    tokens, prefill, generate)."""
+    timed = [r["timings"] for r in rows if r.get("timings")]
+    video = [sum(t.get(k, 0.0) for k in VIDEO_STAGES[:2]) for t in timed if t.get("encode")]
+    question = [sum(v for k, v in t.items() if k not in VIDEO_STAGES[:2]) for t in timed]
+    med = lambda xs: float(np.median(xs)) if xs else None
+    return {"video_s": med(video), "question_s": med(question)}
 
 
 def _group(rows: list[dict], reference: bool) -> dict:
@@ -104,6 +118,10 @@ def table(summary: dict, markdown: bool = False) -> str:
     body = [_cells(name, g, reference) for name, g in groups]
     lines = [f"{summary['questions']} questions on {summary['videos']} videos "
              f"(chance {_pct(summary['chance'])}); intervals: bootstrap over videos"]
+    sp = summary.get("speed") or {}
+    if sp.get("question_s") is not None:
+        lines.append(f"speed (medians): decode + encode {sp['video_s'] or 0:.3f} s per video, "
+                     f"{sp['question_s']:.3f} s per question")
     if summary["overall"]["errors"]:
         lines.append(f"{summary['overall']['errors']} question(s) not scored: the bundle failed on them (their "
                      f"errors are in results.json)")

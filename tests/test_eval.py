@@ -210,12 +210,12 @@ class FakeRuntime:
     def encode(self, path):
         if path.name == "broken.mp4":
             raise GraphFailed("vision graph failed: out of memory")
-        return types.SimpleNamespace(path=path)
+        return types.SimpleNamespace(path=path, timings={"decode": 0.5, "encode": 1.0, "aggregate": 0.0})
 
     def ask(self, vt, question, options, max_new_tokens):
         text, logprobs = ANSWERS[question]
         return types.SimpleNamespace(text=text, option_logprobs=logprobs, selected_frames=[0, 8],
-                                     fast_frames=[0, 2, 4, 6, 8])
+                                     fast_frames=[0, 2, 4, 6, 8], timings={"prefill": 0.25, "generate": 0.5})
 
 
 class FakeReference:
@@ -289,6 +289,7 @@ def test_cli_encode_failure_becomes_error_rows_and_out_writes_three_files(clips,
     assert ref["top1_agreement"] == pytest.approx(2 / 3)  # question 4: C against A
     assert s["categories"]["objects"]["errors"] == 2 and s["categories"]["color"]["accuracy"] == 1.0
     assert s["fidelity"]["all_passed"] and s["fidelity"]["checks"]["llm"]["measured"] == "perplexity 1.004x"
+    assert s["speed"] == {"video_s": 1.5, "question_s": 0.75}  # decode + encode once per video; prefill + generate
 
     assert "overall" in captured.out and "2 question(s) not scored" in captured.out
     assert "| overall | 3 |" in (out / "report.md").read_text()

@@ -21,7 +21,8 @@ from sfedge.export.prompt_pooling import PromptGuidedPooling, reference_pooling
 from sfedge.runtime.errors import BadBundle, BadCheckpoint
 from sfedge.runtime.question_aware import fast_positions
 from sfedge.runtime.selection import nms_select
-from sfedge.runtime.tokens import prompt_pooled_count
+from sfedge.runtime import Runtime
+from sfedge.runtime.tokens import prompt_pooled_count, slow_indices
 
 # ------------------------------------------------------------------ NMS ----------------------------------------
 
@@ -344,3 +345,24 @@ def test_bench_worker_measures_each_mode(clip_bundle):
         assert res["per_question_s"] >= res["prefill_s"] > 0 and res["encode_s"] > 0
         assert res["frames_encoded"] == (128 if mode.startswith("clip") else 8)
     assert res["question_s"] > 0 and res["visual_tokens"] == 16
+
+
+@pytest.mark.parametrize("selection", ["uniform", "clip"])
+def test_sf_eval_reference_answers_as_the_fp32_bundle_on_its_frames(clip_bundle, tmp_path, selection):
+    """sf-eval --reference: the PyTorch original, fed the source frames the bundle used (uniform, or the slow frames
+    CLIP chose), gives the fp32 bundle's answer and option log-probabilities."""
+    from sfedge.eval.reference import Reference
+    from sfedge.train import synthetic
+
+    out, ckpt, _ = clip_bundle
+    video = synthetic.write_video(synthetic.make_clip(5), tmp_path / "clip.mp4")
+    rt = Runtime.load(out, vision_variant="fp32", frame_selection=selection, candidates=40)
+    ref = Reference(ckpt, rt.manifest)
+    options = ["red", "green", "blue", "yellow"]
+    ans = rt.ask(rt.encode(video), "What colour is the circle?", options=options, max_new_tokens=4)
+    assert len(ans.option_logprobs) == 4 and all(lp < 0 for lp in ans.option_logprobs)
+    if selection == "clip":
+        assert sorted(ans.selected_frames) != sorted(ans.fast_frames[i] for i in slow_indices(len(ans.fast_frames), 4))
+    text, logprobs = ref.answer(video, "What colour is the circle?", options, ans.selected_frames, ans.fast_frames, 4)
+    assert text == ans.text
+    np.testing.assert_allclose(logprobs, ans.option_logprobs, atol=2e-4)  # the wrong slow frames: 4e-3 off
