@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from sfedge.bench.probe import machine
 from sfedge.runtime.answering import cause
 from sfedge.runtime.cli import pooling_temperature_option, question_aware_options, runtime_options
 from sfedge.runtime.clitools import run_cli
@@ -75,7 +76,8 @@ def _main() -> int:
         _err(f"[{i}/{len(videos)}] video {video} ({len(group)} question{'s' * (len(group) != 1)})")
         rows += _answer_video(rt, ref, video, group, a.max_new_tokens)
     summary = report.summarize(rows, rt.manifest["fidelity"], reference=ref is not None, bundle=str(a.bundle),
-                               data=str(a.data), reference_checkpoint=a.reference, settings=settings)
+                               data=str(a.data), reference_checkpoint=a.reference, settings=settings,
+                               machine=machine())
     print(report.table(summary), end="", flush=True)
     if a.out:
         for path in report.write(a.out, summary, rows):

@@ -118,6 +118,8 @@ def table(summary: dict, markdown: bool = False) -> str:
     body = [_cells(name, g, reference) for name, g in groups]
     lines = [f"{summary['questions']} questions on {summary['videos']} videos "
              f"(chance {_pct(summary['chance'])}); intervals: bootstrap over videos"]
+    if summary.get("machine"):
+        lines.append(f"machine: {summary['machine']}")
     sp = summary.get("speed") or {}
     if sp.get("question_s") is not None:
         lines.append(f"speed (medians): decode + encode {sp['video_s'] or 0:.3f} s per video, "

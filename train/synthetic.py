@@ -217,7 +217,7 @@ def write_dataset(out: Path, seeds) -> Path:
     return data
 
 
-def _seeds(text: str) -> range:
+def seeds(text: str) -> range:
     lo, _, hi = text.partition("-")
     return range(int(lo), int(hi or lo) + 1)
 
@@ -229,7 +229,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0-49", help="inclusive range, e.g. 0-49 (the demo model trained on "
                                                     "seeds from 100000 up: 0-99999 are held out)")
     a = p.parse_args()
-    print(write_dataset(Path(a.out), _seeds(a.seeds)))
+    print(write_dataset(Path(a.out), seeds(a.seeds)))
 
 
 if __name__ == "__main__":
