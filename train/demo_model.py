@@ -147,6 +147,56 @@ def frame_choice(clip, rng, category: str):
     return slow, fast
 
 
+def word_targets(clips, table: torch.Tensor, tok) -> torch.Tensor:
+    """What each patch of each frame shows, as the mean of the language model's embeddings of its words (the
+    shape's colour, kind and direction, or the flash; " nothing" for background) and the clip's shape count:
+    [N, 96, P, D]. Aligning the projector to these first (a cheap regression, no language model in the loop) gives
+    the LLaVA stage a start where visual tokens already resemble the words the questions' options use."""
+    word = lambda w: table[tok(" " + w, add_special_tokens=False)["input_ids"][0]]
+    grid = VISION["image_size"] // VISION["patch_size"]
+    cell = syn.SIZE / grid
+    centres = (np.arange(grid) + 0.5) * cell
+    cy, cx = np.meshgrid(centres, centres, indexing="ij")
+    reach = syn.RADIUS + cell / 2
+    out = torch.empty(len(clips), syn.FRAMES, grid * grid, table.shape[1])
+    with torch.no_grad():
+        for n, clip in enumerate(clips):
+            count = word(syn.COUNTS[len(clip.movers) - 1])
+            for f in range(syn.FRAMES):
+                acc, hits = torch.zeros(grid * grid, table.shape[1]), torch.zeros(grid * grid, 1)
+                things = [((clip.position(m, f)), syn.RADIUS, [m.colour, m.shape, m.direction]) for m in clip.movers]
+                if f in clip.needle_frames():
+                    things.append((clip.needle_at, syn.NEEDLE_RADIUS, ["white", clip.needle, "flash"]))
+                for (x, y), r, words in things:
+                    near = torch.from_numpy((np.abs(cx - x) < r + cell / 2) & (np.abs(cy - y) < r + cell / 2)).ravel()
+                    acc[near] += torch.stack([word(w) for w in words]).mean(0)
+                    hits[near] += 1
+                empty = hits[:, 0] == 0
+                acc[empty], hits[empty] = word("nothing"), 1
+                out[n, f] = (acc / hits + count) / 2
+    return out
+
+
+def align_projector(proj, feats: torch.Tensor, targets: torch.Tensor, steps: int, seed: int) -> list:
+    """Regress each patch's projected feature on its words' embedding (mean squared error)."""
+    opt = torch.optim.AdamW(proj.parameters(), lr=2e-3)
+    sched = _cosine(opt, steps, warmup=20)
+    gen = torch.Generator().manual_seed(seed)
+    n, frames = feats.shape[:2]
+    losses = []
+    for step in range(steps):
+        c, f = torch.randint(n, (256,), generator=gen), torch.randint(frames, (256,), generator=gen)
+        loss = F.mse_loss(proj(feats[c, f]), targets[c, f]) / targets.var()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 200 == 0 or step == steps - 1:
+            log(f"align step {step}/{steps} relative error {np.mean(losses[-200:]):.3f}")
+    return losses
+
+
 def train_projector(model, tok, clips, feats, steps: int, batch: int, seed: int):
     """Stage 2: the projector alone learns; the tower's features are precomputed and SmolLM2 runs in bf16."""
     for p in model.parameters():
@@ -211,9 +261,10 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m sfedge.train.demo_model", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "export" / "demo_weights"))
     p.add_argument("--clips", type=int, default=600)
-    p.add_argument("--clip-steps", type=int, default=1200)
+    p.add_argument("--clip-steps", type=int, default=1000)
     p.add_argument("--clip-batch", type=int, default=128)
-    p.add_argument("--projector-steps", type=int, default=700)
+    p.add_argument("--align-steps", type=int, default=1500)
+    p.add_argument("--projector-steps", type=int, default=400)
     p.add_argument("--projector-batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
@@ -226,11 +277,15 @@ def main() -> None:
     model, tok = demo_llava(clip, smollm2_model(), a.seed)
     feats = tower_features(model, pixels)
     del pixels
+    proj = model.model.multi_modal_projector
+    align = align_projector(proj, feats, word_targets(clips, model.get_input_embeddings().weight, tok),
+                            a.align_steps, a.seed)
     losses, right = train_projector(model, tok, clips, feats, a.projector_steps, a.projector_batch, a.seed)
     t2 = time.time()
     card = {"clips": a.clips, "train_seeds": [TRAIN_SEED0, TRAIN_SEED0 + a.clips - 1], "seed": a.seed,
             "clip_steps": a.clip_steps, "clip_batch": a.clip_batch,
-            "clip_final_loss": float(np.mean(clip_losses[-50:])), "projector_steps": a.projector_steps,
+            "clip_final_loss": float(np.mean(clip_losses[-50:])), "align_steps": a.align_steps,
+            "align_final_relative_error": float(np.mean(align[-100:])), "projector_steps": a.projector_steps,
             "projector_batch": a.projector_batch, "projector_final_loss": float(np.mean(losses[-50:])),
             "projector_final_train_accuracy": float(np.mean(right[-50 * a.projector_batch:])),
             "minutes": {"clip": round((t1 - t0) / 60, 1), "projector": round((t2 - t1) / 60, 1)}, **CARD}
