@@ -135,12 +135,24 @@ def demo_llava(clip, lm, seed: int = 0):
     return model, tok
 
 
+def merge_lora(lm, tensors: dict, card: dict) -> None:
+    """Fold the trained adapters into the language model's weights: W += alpha / rank * B @ A."""
+    scale = card["lora"]["alpha"] / card["lora"]["rank"]
+    layers = dict(lm.model.named_modules())
+    for key in tensors:
+        if key.startswith("lora.") and key.endswith(".a"):
+            name = key[len("lora."):-len(".a")]
+            layers[name].weight.data += scale * tensors[f"lora.{name}.b"] @ tensors[key]
+
+
 def build_demo(out: Path) -> tuple[Path, Path]:
     """The built-in demo's checkpoint and CLIP folders under `out`, from the trained weights: (llava, clip)."""
     tensors, card = demo_weights()
     clip, clip_tok = demo_clip(card)
     clip.load_state_dict({k[len("clip."):]: v for k, v in tensors.items() if k.startswith("clip.")})
-    model, tok = demo_llava(clip, smollm2_model())
+    lm = smollm2_model()
+    merge_lora(lm, tensors, card)
+    model, tok = demo_llava(clip, lm)
     model.model.multi_modal_projector.load_state_dict(
         {k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})
     clip_dir = Path(out) / "clip"
