@@ -9,7 +9,9 @@ against the reference (Hugging Face transformers fp32, default sdpa attention).
   sf-bench vision  frames per second of the vision graph variants against PyTorch eager, with cosine
   sf-bench scale   the cost of each stage of our path as the frame count (and so the context) grows
   sf-bench watch   standing questions over 10 minutes of looped real footage: per-question latency and memory
-                   growth, against answering each question from scratch (re-encoding its window)
+                   growth, against answering each question from scratch (re-encoding its window); with
+                   --sources 1,2,4: that many RTSP cameras on the loopback address in one process against as many
+                   processes (answers per minute, latency, frames dropped, memory)
   sf-bench question-aware  per-question cost of CLIP frame selection (128 candidates) and prompt-guided pooling
                    against plain SlowFast (a ViT-B/16-sized CLIP text tower added to the default workload)
   sf-bench batch   questions per minute over 24 clips cut from real footage, 4 questions each: one `sf-run ask`
@@ -38,9 +40,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="the bundle's source checkpoint, for the reference")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--video", help="video for e2e/vision (default: bigbuckbunny.mp4) and scale (default: bikes.mp4)")
-    p.add_argument("--minutes", type=int, default=10, help="watch: minutes of stream time (default 10)")
+    p.add_argument("--minutes", type=float, default=10, help="watch: minutes of stream time (default 10)")
+    p.add_argument("--sources", type=_counts, help="watch: camera counts to compare, e.g. 1,2,4 (RTSP on loopback; "
+                                                   "needs ffmpeg and GStreamer's RTSP server)")
     p.add_argument("--out", type=Path, help="write JSON, a markdown table and a PNG plot here")
     return p
+
+
+def _counts(value: str) -> tuple:
+    try:
+        counts = tuple(int(x) for x in value.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected counts of sources such as 1,2,4")
+    return counts
 
 
 def _workload(a, log) -> tuple[Path, Path]:
@@ -63,7 +77,9 @@ def _main() -> int:
     bundle, ckpt = _workload(a, log)
     kw = {"video": a.video} if a.suite not in ("llm", "watch", "batch") and a.video else {}
     if a.suite == "watch":
-        kw["minutes"] = a.minutes
+        kw.update(minutes=a.minutes, sources=a.sources or ())
+    elif a.sources:
+        raise BadInput("--sources goes with sf-bench watch")
     data = SUITES[a.suite](bundle, ckpt, a.repeats, log, **kw)
     rep = {"suite": a.suite, "machine": machine(), "command": " ".join(["sf-bench", *sys.argv[1:]]), "data": data}
     print(report.markdown(rep))

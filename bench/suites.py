@@ -135,8 +135,11 @@ def scale(bundle: Path, ckpt: Path, repeats: int, log, video: str = "bikes") -> 
     return {"results": out, "skipped": skipped}
 
 
-def watch(bundle: Path, ckpt: Path, repeats: int, log, minutes: int = 10) -> dict:
-    """Standing questions over looped real footage, against answering each question from scratch."""
+def watch(bundle: Path, ckpt: Path, repeats: int, log, minutes: float = 10, sources: tuple = ()) -> dict:
+    """Standing questions over looped real footage, against answering each question from scratch; with `sources`,
+    that many RTSP cameras in one process against as many processes (`watch_sources`)."""
+    if sources:
+        return watch_sources(bundle, repeats, log, minutes, sources)
     runs, _ = collect("watch", [Job("ours", "watch_ours", {"bundle": bundle, "minutes": minutes}),
                                 Job("from scratch", "watch_from_scratch", {"bundle": bundle})],
                       repeats, log, required=True)
@@ -146,6 +149,60 @@ def watch(bundle: Path, ckpt: Path, repeats: int, log, minutes: int = 10) -> dic
         out[b]["peak_mb"] = peak_mb(got)
     out["speedup"] = {k: ratio(out["ours"][k], out["from scratch"][k], False) for k in ("first_s", "second_s")}
     return out
+
+
+def watch_sources(bundle: Path, repeats: int, log, minutes: float, sources: tuple) -> dict:
+    """N cameras served over RTSP on the loopback address (looped real footage, ffmpeg-encoded H.264, GStreamer's
+    RTSP server), watched by one `sf-run watch` process with N sources and by N processes with one each."""
+    from . import rtsp_server
+
+    missing = rtsp_server.available()
+    if missing:
+        raise BackendUnavailable(f"sf-bench watch --sources: {missing}")
+    clip = _rtsp_footage(log, minutes * 60 + 60)
+    port = _free_port()
+    server = rtsp_server.start(port, {f"cam{i + 1}": clip for i in range(max(sources))})
+    try:
+        jobs = []
+        for n in sources:
+            args = {"bundle": bundle, "port": port, "sources": n, "minutes": minutes}
+            jobs.append(Job(f"{n} cameras, 1 process", "watch_rtsp", {**args, "processes": 1}))
+            if n > 1:
+                jobs.append(Job(f"{n} cameras, {n} processes", "watch_rtsp", {**args, "processes": n}))
+        runs, skipped = collect("watch", jobs, repeats, log)
+    finally:
+        server.kill()
+    out = {name: {**{k: summarize([x[k] for x in got]) for k in got[0] if k != "peak_rss"}, "peak_mb": peak_mb(got)}
+           for name, got in runs.items() if got}
+    figures = {}
+    for n in sources:
+        one, many = out.get(f"{n} cameras, 1 process"), out.get(f"{n} cameras, {n} processes")
+        if one and many:
+            figures[f"memory, {n} cameras in 1 process / {n} processes"] = (one["peak_mb"]["median"]
+                                                                           / many["peak_mb"]["median"])
+    return {"results": out, "skipped": skipped, **figures}
+
+
+def _rtsp_footage(log, seconds: float) -> Path:
+    """bigbuckbunny.mp4 and bikes.mp4 looped in turns of a minute, at 640x360, as one H.264 MPEG-TS clip of
+    `seconds` for the RTSP server (encoded once; cached)."""
+    from sfedge.runtime.video import demo_video
+
+    from .rtsp_server import clip
+
+    out = CACHE / f"rtsp-footage-{int(seconds)}s.ts"
+    if not out.exists():
+        log(f"encoding {seconds / 60:.0f} minutes of footage with libx264 for the RTSP server (once; cached)")
+    turns = [(str(demo_video().with_name(n)), 640, 360) for n in ("bigbuckbunny.mp4", "bikes.mp4")]
+    return clip(out, [turns[i % 2] for i in range(max(1, round(seconds / 60)))], seconds)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def question_aware(bundle: Path, ckpt: Path, repeats: int, log, video: str = "demo") -> dict:

@@ -310,6 +310,56 @@ def watch_from_scratch(bundle) -> dict:
     return {"first_s": statistics.median(times), "second_s": statistics.median(times), "peak_rss": peak_rss()}
 
 
+def watch_rtsp(bundle, port: int, sources: int, processes: int, minutes: float) -> dict:
+    """`sources` RTSP cameras (cam1, cam2, ... on the loopback server at `port`) watched for `minutes` of wall time
+    by `sf-run watch`: all in one process, or one process per camera (processes == sources). Answers per minute,
+    per-question latency, frames dropped, and the peak memory of the processes together (PSS, so shared library
+    pages count once)."""
+    import signal
+
+    import yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rules = Path(tmp) / "rules.yaml"
+        rules.write_text(yaml.safe_dump(WATCH_RULES))
+        cams = [f"cam{i + 1}=rtsp://127.0.0.1:{port}/cam{i + 1}" for i in range(sources)]
+        groups = [cams] if processes == 1 else [[c] for c in cams]
+        outs = [Path(tmp) / f"run{i}.jsonl" for i in range(len(groups))]
+        with TreeMemory(interval=1.0) as mem:
+            procs = [subprocess.Popen(_sf_run("watch", str(bundle), *(a for c in g for a in ("--source", c)),
+                                              "--rules", str(rules), "--sample-fps", "2", "--max-new-tokens", "16",
+                                              "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True)
+                     for g, out in zip(groups, outs)]
+            time.sleep(minutes * 60)
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            errors = [p.communicate(timeout=120)[1] for p in procs]
+        failed = [e.strip().splitlines()[-1] for p, e in zip(procs, errors) if p.returncode]
+        if failed:
+            raise BackendUnavailable(f"sf-run watch failed: {failed[0]}")
+        runs = [[json.loads(line) for line in out.read_text().splitlines()] for out in outs]
+    answers = [r for recs in runs for r in recs if r["kind"] == "answer" and r["answer"] is not None]
+    ends = [e for recs in runs for e in ([recs[-1]] if "sources" not in recs[-1] else recs[-1]["sources"].values())]
+    first = [r["latency_s"]["answer"] for r in answers if not r["reused_prefix"]]
+    reused = [r["latency_s"]["answer"] for r in answers if r["reused_prefix"]]
+    stale = sorted(r["latency_s"]["since_last_frame"] for r in answers)
+    return {"answers_per_min": len(answers) / minutes, "first_s": statistics.median(first),
+            "second_s": statistics.median(reused) if reused else None,
+            "since_last_frame_s": statistics.median(stale), "since_last_frame_p90_s": stale[int(0.9 * len(stale))],
+            "skipped_due": sum(r["skipped_due"] for recs in runs for r in recs if r["kind"] == "answer"),
+            "sampled": sum(e["frames"]["sampled"] for e in ends), "dropped": sum(e["frames"]["dropped"] for e in ends),
+            "gaps": sum(r["kind"] == "gap" for recs in runs for r in recs),
+            "rss_growth": max(_growth([r for r in recs if r["kind"] == "answer"]) for recs in runs),
+            "peak_rss": mem.peak}
+
+
+def _growth(answers: list) -> float:
+    """Resident memory growth after warm-up (the first quarter of the answers) to the most it reached after."""
+    warm = answers[len(answers) // 4]["rss_mb"]
+    return (max(r["rss_mb"] for r in answers[len(answers) // 4:]) - warm) / warm
+
+
 def _sf_run(*args: str) -> list[str]:
     """The `sf-run` command line, run with this interpreter (what the sf-run script does)."""
     return [sys.executable, "-m", "sfedge.runtime.cli", *args]
@@ -370,5 +420,5 @@ def batch_ray_joined(bundle, jobs: str, workers: int) -> dict:
 
 
 WORKERS = {f.__name__: f for f in (llm_ours, llm_torch, llm_llamacpp, e2e_ours, e2e_reference, scale, vision_ours,
-                                   vision_pytorch, question_aware, watch_ours, watch_from_scratch, batch_naive,
-                                   batch_cli, batch_ray_joined)}
+                                   vision_pytorch, question_aware, watch_ours, watch_from_scratch, watch_rtsp,
+                                   batch_naive, batch_cli, batch_ray_joined)}

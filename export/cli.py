@@ -15,8 +15,7 @@ from sfedge.runtime.units import human
 
 from .engines import DEFAULT_WORKSPACE
 
-# SlowFast-LLaVA's pipeline; the demo's is the one its projector was trained on (`demo.demo_pipeline`).
-PIPELINE = {"frames": 50, "slow_frames": 10, "slow_pool": "max1d", "fast_grid": "4x4"}
+PIPELINE = {"frames": 50, "slow_frames": 10, "slow_pool": "max1d", "fast_grid": "4x4"}  # SlowFast-LLaVA's
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,8 +32,8 @@ def parser() -> argparse.ArgumentParser:
                    help="checkpoint folder (config.json + weights), or a Hugging Face hub id (owner/name), fetched "
                         "into huggingface_hub's cache (HF_HOME; none fetched with HF_HUB_OFFLINE=1)")
     p.add_argument("out", nargs="?", help="bundle folder to write (refused if it exists, unless --force)")
-    p.add_argument("--demo", metavar="OUT", help="build the built-in demo bundle: real SmolLM2-135M-Instruct with the "
-                                                 "small CLIP pair and projector trained on synthetic clips")
+    p.add_argument("--demo", metavar="OUT", help="build the built-in demo bundle: real SmolLM2-135M-Instruct with a "
+                                                 "seeded, untrained ViT-B/16-sized CLIP tower")
     p.add_argument("--revision", help="with a hub id: a branch, tag or commit (default main); the manifest records "
                                       "the commit")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -124,11 +123,11 @@ def _check_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
-def options(a, pipeline: dict = PIPELINE):
+def options(a):
     from .bundle import Options
     from .clip import parse_kernel
 
-    frames, slow_frames, slow_pool, fast_grid = (pipeline[k] if getattr(a, k) is None else getattr(a, k)
+    frames, slow_frames, slow_pool, fast_grid = (PIPELINE[k] if getattr(a, k) is None else getattr(a, k)
                                                  for k in ("frames", "slow_frames", "slow_pool", "fast_grid"))
     try:
         fh, fw = (int(x) for x in fast_grid.lower().split("x"))
@@ -194,27 +193,6 @@ def _engines(a) -> int:
     return 0
 
 
-def _demo(a, log) -> int:
-    """The built-in demo: SmolLM2 with the trained CLIP pair and projector, on the pipeline they were trained on."""
-    from .bundle import export
-    from .demo import DEMO_NOTE, build_demo, demo_pipeline
-
-    fixed = [f"--{k.replace('_', '-')}" for k in (*PIPELINE, "clip") if getattr(a, k) is not None]
-    if a.checkpoint or a.out or fixed:
-        raise BadInput(f"--demo takes no {', '.join(fixed) or 'CHECKPOINT or OUT'}: its pipeline and CLIP side are "
-                       f"the ones its weights were trained with")
-    pipeline = demo_pipeline()
-    opts = options(a, {**pipeline, "fast_grid": "x".join(map(str, pipeline["fast_grid"]))})
-    opts.note = DEMO_NOTE
-    with tempfile.TemporaryDirectory(prefix="sfedge-demo-") as tmp:
-        log("assembling the demo checkpoint: real SmolLM2-135M-Instruct + the trained demo CLIP and projector")
-        ck, clip = build_demo(Path(tmp))
-        opts.clip = str(clip)
-        m = export(ck, a.demo, opts, log)
-    print(summary(Path(a.demo), m))
-    return 0
-
-
 def _main() -> int:
     a = parser().parse_args()
     if a.engines:  # before any torch import: engines are built on the target device, which may lack torch
@@ -232,7 +210,16 @@ def _main() -> int:
     log = Log(a.quiet)
     quiet_libraries()
     if a.demo:
-        return _demo(a, log)
+        from .demo import UNTRAINED_NOTE, build_workload_checkpoint
+
+        opts = options(a)
+        opts.note = UNTRAINED_NOTE
+        with tempfile.TemporaryDirectory(prefix="sfedge-demo-") as tmp:
+            log("assembling the demo checkpoint: real SmolLM2-135M-Instruct + seeded untrained ViT-B/16 tower")
+            ck = build_workload_checkpoint(Path(tmp) / "checkpoint")
+            m = export(ck, a.demo, opts, log)
+        print(summary(Path(a.demo), m))
+        return 0
     if not a.checkpoint or not a.out:
         raise BadInput("give CHECKPOINT and OUT (or --demo OUT); see sf-export --help")
     opts = options(a)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from . import prompt as prompts
@@ -28,12 +29,17 @@ def parser() -> argparse.ArgumentParser:
     pooling_temperature_option(a)
     w = sub.add_parser("watch", help="standing questions over a camera, network stream or file; JSON lines out",
                        description="Ask standing questions about the last N seconds of a camera, network stream "
-                                   "or file, at fixed intervals; one JSON line per answer (and per stream gap). "
+                                   "or file, or of many with one loaded model, at fixed intervals; one JSON line "
+                                   "per answer (and per stream gap or lost source), each naming its source. "
                                    "SIGINT / SIGTERM stop after the current answer; nothing is lost.")
     w.add_argument("bundle")
-    w.add_argument("--source", required=True,
+    w.add_argument("--source", action="append", default=[], metavar="[NAME=]SOURCE",
                    help="camera index (0) or /dev/videoN, a URL (rtsp://, http:// MJPEG, anything FFmpeg opens), "
-                        "or a video file")
+                        "or a video file; repeat as NAME=SOURCE to watch many with one loaded model")
+    w.add_argument("--sources", help="YAML file of sources: name, url, optional rules or questions, sample_fps, "
+                                     "max_outage, rtsp_transport")
+    w.add_argument("--rtsp-transport", default="tcp", choices=["tcp", "udp"],
+                   help="how RTSP sources carry their packets (default tcp)")
     w.add_argument("--question", "-q", action="append", default=[], help="a standing question (repeatable)")
     w.add_argument("--every", action="append", help="interval per question, e.g. 10s (once for all, or per "
                                                     "question; default 10s)")
@@ -46,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
                    help="play a file at its native frame rate, dropping frames the encoder cannot keep up with "
                         "(default: as fast as possible, nothing dropped)")
     w.add_argument("--max-outage", default="10m",
-                   help="give up when a dropped stream stays down this long (default 10m)")
+                   help="give up on a source when it stays down this long (default 10m); the others go on")
     w.add_argument("--out", help="append JSON lines to this file (flushed per line) instead of stdout")
     w.add_argument("--max-new-tokens", type=int, default=64)
     w.add_argument("--frames", type=int, help="most frames per window (default: the bundle's, usually 50)")
@@ -219,18 +225,39 @@ def _ask(a) -> int:
     return 0
 
 
+def _watch_sources(a) -> list:
+    """--source [NAME=]SOURCE ... or --sources FILE, as rules.SourceSpec."""
+    from pathlib import Path
+
+    from .rules import SourceSpec, load_sources
+
+    if bool(a.source) == bool(a.sources):
+        raise BadInput("give --source (repeatable, NAME=SOURCE for many) or --sources FILE")
+    if a.sources:
+        return load_sources(a.sources)
+    specs = []
+    for text in a.source:
+        name, _, target = text.partition("=")
+        # NAME=SOURCE only when NAME is a plain word: a URL's query (?a=b) or a file named a=b.mp4 is a source
+        if not target or not re.fullmatch(r"[A-Za-z][\w.-]*", name) or Path(text).exists():
+            name, target = None, text
+        specs.append(SourceSpec(name, target))
+    return specs
+
+
 def _watch(a) -> int:
     import signal
 
     from .pipeline import Runtime
     from .rules import check_names, load_rules, parse_duration, rules_from_args
 
+    sources = _watch_sources(a)
     rules = load_rules(a.rules) if a.rules else []
     if a.question:
         rules += rules_from_args(a.question, a.every, a.window, a.trigger)
     elif a.every or a.window or a.trigger:
         raise BadInput("--every, --window and --trigger go with --question")
-    if not rules:
+    if not rules and any(s.rules is None for s in sources):
         raise BadInput("give at least one --question (with --every and --window) or --rules FILE")
     check_names(rules, "rules")
     max_outage = parse_duration(a.max_outage, "--max-outage")
@@ -242,14 +269,16 @@ def _watch(a) -> int:
         _err(f"[sf-run] loading {a.bundle}")
         rt = Runtime.load(a.bundle, device=a.device, memory_budget=a.memory_budget, frames=a.frames,
                           max_new_tokens=a.max_new_tokens, vision_variant=a.vision, threads=a.threads)
-        watcher = rt.watch(a.source, rules, sample_fps=a.sample_fps, realtime=a.realtime, max_outage=max_outage,
-                           max_new_tokens=a.max_new_tokens)
+        watcher = rt.watch(sources, rules, sample_fps=a.sample_fps, realtime=a.realtime, max_outage=max_outage,
+                           max_new_tokens=a.max_new_tokens, rtsp_transport=a.rtsp_transport)
         for note in rt.notes:
             _err(f"[sf-run] {note}")
         if rt.source_note:
             _err(f"[sf-run] note: {rt.source_note}")
-        _err(f"[sf-run] watching {watcher.source.label}: {len(rules)} rule(s), {a.sample_fps:g} frames/s; plan:\n"
-             f"{rt.plan.table()}")
+        for s in watcher.streams:
+            label = "" if s.name == s.source.label else f" ({s.source.label})"
+            _err(f"[sf-run] watching {s.name}{label}: {len(s.rules)} rule(s), {1 / s.feed.period:g} frames/s")
+        _err(f"[sf-run] one model for {len(watcher.streams)} source(s); plan:\n{watcher.rt.plan.table()}")
         stops = []
 
         def _stop(signum, frame):
@@ -266,6 +295,8 @@ def _watch(a) -> int:
             out.write(json.dumps(record) + "\n")
             out.flush()
             count += record["kind"] == "answer"
+            if record["kind"] == "lost":
+                _err(f"[sf-run] {record['source']} lost: {record['reason']}")
         _err(f"[sf-run] {record['reason']}: {count} answers written")
         return 0
     finally:

@@ -171,12 +171,14 @@ class Runtime:
         # Bundles exported before fast_index existed pool every frame they get, which is what arange(T) says.
         return self.aggregator.run({k: v for k, v in feeds.items() if k in self.aggregator.inputs})
 
-    def watch(self, source, rules, sample_fps: float = 2.0, realtime: bool = False, max_outage: float = 600.0,
-              max_new_tokens: int | None = None):
-        """Standing questions over a camera, stream, file or (t, frame) iterable: an iterator of JSON-ready records
-        (see `sfedge.runtime.watch`). `rules`: a YAML file, or a list of Rule objects or dicts (question, every,
-        window, optional name and trigger)."""
-        return Watcher(self, source, as_rules(rules), sample_fps, realtime, max_outage, max_new_tokens)
+    def watch(self, source, rules=None, sample_fps: float = 2.0, realtime: bool = False,
+              max_outage: float = 600.0, max_new_tokens: int | None = None, rtsp_transport: str = "tcp"):
+        """Standing questions over a camera, stream, file or (t, frame) iterable, or over many at once
+        ({name: source, ...}, each answered by this one runtime): an iterator of JSON-ready records, each with its
+        `source` (see `sfedge.runtime.watch`). `rules`: a YAML file, or a list of Rule objects or dicts (question,
+        every, window, optional name and trigger), for the sources that bring none of their own."""
+        return Watcher(self, source, as_rules(rules) if rules else [], sample_fps, realtime, max_outage,
+                       max_new_tokens, rtsp_transport)
 
     def ask(self, video, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, style: str = "plain",

@@ -70,27 +70,27 @@ def prefill_bytes(llm: dict, chunk: int, context: int) -> int:
 
 
 def ring_bytes(v: dict, ring_frames: int, queued_frames: int) -> int:
-    """The watcher's memory: per-frame features kept for the longest window, and decoded frames waiting to be
-    encoded."""
+    """One watched source's memory: per-frame features kept for its longest window, and decoded frames waiting
+    to be encoded."""
     return (ring_frames * v["tokens_per_frame"] * v["hidden_size"] * 4
             + queued_frames * v["image_size"][0] * v["image_size"][1] * 3)
 
 
 def make_plan(manifest: dict, budget: int | None = None, frames: int | None = None, max_new_tokens: int = 256,
-              vision_variant: str | None = None, ring_frames: int = 0, queued_frames: int = 0,
-              pooling: str = "slowfast", candidates: int = 0) -> Plan:
+              vision_variant: str | None = None, rings: dict | None = None, pooling: str = "slowfast",
+              candidates: int = 0) -> Plan:
     """The largest encode and prefill chunks that fit `budget`, or DoesNotFit naming what does not.
-    `ring_frames` / `queued_frames`: a watcher's feature ring buffer and frame queue (0 for single videos)."""
-    plan = fit_plan(manifest, budget, frames, max_new_tokens, vision_variant, ring_frames, queued_frames, pooling,
-                    candidates)
+    `rings`: a watcher's sources, {name: (ring frames, queued frames)}, each with its feature ring and frame queue
+    (none for single videos)."""
+    plan = fit_plan(manifest, budget, frames, max_new_tokens, vision_variant, rings, pooling, candidates)
     if budget is not None and plan.total > budget:
-        raise DoesNotFit(_advice(manifest, plan))
+        raise DoesNotFit(_rings_advice(manifest, plan, rings) if rings else _advice(manifest, plan))
     return plan
 
 
 def fit_plan(manifest: dict, budget: int | None = None, frames: int | None = None, max_new_tokens: int = 256,
-             vision_variant: str | None = None, ring_frames: int = 0, queued_frames: int = 0,
-             pooling: str = "slowfast", candidates: int = 0) -> Plan:
+             vision_variant: str | None = None, rings: dict | None = None, pooling: str = "slowfast",
+             candidates: int = 0) -> Plan:
     """The first plan within `budget` in order of preference (the prefill twin, then the largest encode and prefill
     chunks), or, when none is, the smallest, for the caller to say by how much it overshoots."""
     v, llm = manifest["vision"], manifest["llm"]
@@ -109,8 +109,9 @@ def fit_plan(manifest: dict, budget: int | None = None, frames: int | None = Non
     # fp32 cache: planned first, dropped when the budget has no room for it.
     for twin in (True, False) if "prefill_graph" in llm else (False,):
         fixed = _fixed_parts(manifest, variant, frames, visual, context, twin, pooling, candidates)
-        if ring_frames:
-            fixed[f"watch: feature ring ({ring_frames} frames) + queue"] = ring_bytes(v, ring_frames, queued_frames)
+        for name, (ring_frames, queued_frames) in (rings or {}).items():
+            fixed[f"watch {name}: feature ring ({ring_frames} frames) + queue"] = ring_bytes(v, ring_frames,
+                                                                                            queued_frames)
         for enc in [c for c in ENCODE_CHUNKS if c <= max(frames, 1)] or [1]:
             for pre in PREFILL_CHUNKS:
                 parts = {**fixed, f"encoder activations ({enc} frames)": enc * encoder_bytes_per_frame(v),
@@ -204,6 +205,26 @@ def _vision_weights(manifest: dict, variant: str) -> int:
 def _llm_weights(manifest: dict, twin: bool) -> int:
     """The decoder session; the int8-KV bundle's fp32 prefill twin is a second session on the same weights."""
     return int(llm_file_bytes(manifest) * SESSION_FACTOR * (2 if twin else 1))
+
+
+def _rings_advice(manifest: dict, plan: Plan, rings: dict) -> str:
+    """Why a watch over these sources does not fit: the model's plan and each source's ring and queue, and how
+    many of the sources (in the order given) would."""
+    base = fit_plan(manifest, 0, plan.frames, plan.max_new_tokens, plan.vision_variant, None, plan.pooling,
+                    plan.candidates)
+    if base.total > plan.budget:  # not even the model fits: the sources are not the problem
+        return _advice(manifest, base)
+    v, room, fit = manifest["vision"], plan.budget - base.total, 0
+    each = [ring_bytes(v, *r) for r in rings.values()]
+    for cost in each:
+        if cost > room:
+            break
+        room, fit = room - cost, fit + 1
+    return (f"{len(rings)} sources need {human(sum(each))} for their feature rings and frame queues "
+            f"({', '.join(f'{n} {human(c)}' for n, c in zip(rings, each))}) on top of the {human(base.total)} the "
+            f"model needs at its smallest chunks: {human(base.total + sum(each))}, "
+            f"{human(base.total + sum(each) - plan.budget)} over the {human(plan.budget)} budget; at most {fit} of "
+            f"these sources fit (fewer sources, shorter windows or a lower sample_fps need less)")
 
 
 def _advice(manifest: dict, plan: Plan) -> str:

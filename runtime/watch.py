@@ -2,14 +2,18 @@
 
     for record in rt.watch("rtsp://cam/stream", rules):   # or a file, a V4L2 device, (t, frame) pairs
         print(record)
+    for record in rt.watch({"door": "rtsp://cam1/stream", "yard": "rtsp://cam2/stream"}, rules): ...
 
-A decoding thread reads the source, keeps frames at `sample_fps` and hands them over through a bounded queue; the
-caller's thread encodes them as they arrive into a ring buffer of per-frame features that covers the longest window,
-so a frame is encoded once however many questions look at it. When a rule falls due, its window's features are
-aggregated into visual tokens and the question is answered; rules due together on the same window share the visual
-KV prefix. Live sources drop frames when encoding falls behind (counted in every record) and are reopened with
-backoff when they drop (the gap is reported); files and Python iterables are read with back-pressure instead, so
-nothing is dropped and the output does not depend on the machine's speed.
+Each source has a decoding thread that reads it, keeps frames at `sample_fps` and hands them over through a
+bounded queue; the caller's thread encodes them as they arrive into the source's ring buffer of per-frame features
+that covers its longest window, so a frame is encoded once however many questions look at it. One runtime (one copy
+of the model) serves every source: the encoder takes their frames round robin, and due questions are answered in
+order of due time across sources. When a rule falls due, its window's features are aggregated into visual tokens
+and the question is answered; rules due together on the same window share the visual KV prefix. Live sources drop
+frames when encoding falls behind (counted in every record) and are reopened with backoff when they drop (the gap
+is reported; a source down longer than its max_outage is given up, and the others go on); files and Python
+iterables are read with back-pressure instead, so nothing is dropped and the output does not depend on the
+machine's speed.
 
 Stream time is the source's own clock for files and iterables, and seconds since the watch started for cameras and
 network streams (so an outage shows as a gap in the windows).
@@ -21,9 +25,11 @@ import os
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import cv2
 import numpy as np
@@ -31,7 +37,7 @@ import numpy as np
 from .errors import BadInput, SourceLost
 from .memory import current_rss
 from .answer import VisualTokens
-from .rules import Rule, check_names
+from .rules import Rule, as_sources, check_names, check_transport
 from .video import sample_indices, squash
 
 QUEUE_FRAMES = 16  # decoded frames waiting for the encoder; beyond this a live source drops frames
@@ -43,25 +49,37 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
+def redact(url: str) -> str:
+    """The URL with its password replaced by ***: what records, logs and errors show."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+_OPEN_LOCK = threading.Lock()  # the FFmpeg options travel in a process-wide variable: one open at a time
+
+
 class Source:
     """A camera index or /dev/video path, a network URL, a video file, or a Python iterable of (t, frame) pairs
-    (frame: uint8 BGR [H, W, 3], t: seconds)."""
+    (frame: uint8 BGR [H, W, 3], t: seconds). `label` is what records and errors show (no password)."""
 
-    def __init__(self, spec):
-        self.spec, self.frames = spec, None
+    def __init__(self, spec, rtsp_transport: str = "tcp"):
+        self.spec, self.frames, self.transport = spec, None, check_transport(rtsp_transport, "RTSP transport")
         if isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit()):
             self.kind, self.label, self.target = "camera", f"camera {spec}", int(spec)
         elif isinstance(spec, (str, Path)) and str(spec).startswith("/dev/video"):
             self.kind, self.label, self.target = "camera", str(spec), str(spec)
         elif isinstance(spec, str) and "://" in spec:
-            self.kind, self.label, self.target = "stream", spec, spec
+            self.kind, self.label, self.target = "stream", redact(spec), spec
         elif isinstance(spec, (str, Path)):
             path = Path(spec)
             if not path.is_file():
                 raise BadInput(f"{path}: no such video file (a source is a file, a camera index such as 0, "
                                f"/dev/videoN, or a URL such as rtsp://...)")
             self.kind, self.label, self.target = "file", str(path), str(path)
-        elif hasattr(spec, "__iter__"):
+        elif hasattr(spec, "__iter__") and not isinstance(spec, dict):
             self.kind, self.label, self.frames = "frames", "frames", iter(spec)
         else:
             raise BadInput(f"source {spec!r}: expected a file, a camera index, /dev/videoN, a URL or an iterable")
@@ -72,15 +90,36 @@ class Source:
 
     def open(self):
         """An opened cv2.VideoCapture, or None."""
-        if self.kind == "stream":
-            cap = cv2.VideoCapture(self.target, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS,
-                                                                  cv2.CAP_PROP_READ_TIMEOUT_MSEC, READ_TIMEOUT_MS])
-        else:
+        if self.kind != "stream":
             cap = cv2.VideoCapture(self.target)
+        else:
+            with _OPEN_LOCK, _ffmpeg_options(self.transport if self.target.startswith("rtsp") else None):
+                cap = cv2.VideoCapture(self.target, cv2.CAP_FFMPEG, [
+                    cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, READ_TIMEOUT_MS])
         if cap.isOpened():
             return cap
         cap.release()
         return None
+
+
+@contextmanager
+def _ffmpeg_options(transport: str | None):
+    """OpenCV reads FFmpeg's options for an open from OPENCV_FFMPEG_CAPTURE_OPTIONS ("key;value|key;value"): the
+    user's, with this source's RTSP transport in place of any they gave."""
+    name = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+    before = os.environ.get(name)
+    if transport is None:
+        yield
+        return
+    kept = [o for o in (before or "").split("|") if o and not o.startswith("rtsp_transport;")]
+    os.environ[name] = "|".join([*kept, f"rtsp_transport;{transport}"])
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 @dataclass
@@ -95,10 +134,12 @@ class FrameFeed(threading.Thread):
     """Decodes the source in its own thread and puts ("frame", t, pixels, arrival), ("gap", start, end, attempts),
     ("end", reason) or ("error", exception) on a bounded queue."""
 
-    def __init__(self, source: Source, size, sample_fps: float, realtime: bool, max_outage: float):
+    def __init__(self, source: Source, size, sample_fps: float, realtime: bool, max_outage: float,
+                 wake: threading.Event | None = None):
         super().__init__(daemon=True, name="sfedge-frame-feed")
         self.source, self.size, self.period = source, size, 1.0 / sample_fps
         self.realtime, self.max_outage = realtime, max_outage
+        self.wake = wake or threading.Event()  # set on every item put: the watcher waits on all its feeds at once
         self.queue: queue.Queue = queue.Queue(QUEUE_FRAMES)
         self.stats, self.stopping = FeedStats(), threading.Event()
         # Dropping keeps a live source current; a file or iterable waits for the encoder instead.
@@ -118,6 +159,7 @@ class FrameFeed(threading.Thread):
         while not self.stopping.is_set():
             try:
                 self.queue.put(item, timeout=0.1)
+                self.wake.set()
                 return
             except queue.Full:
                 continue
@@ -135,6 +177,7 @@ class FrameFeed(threading.Thread):
             return
         try:
             self.queue.put_nowait(item)
+            self.wake.set()
         except queue.Full:
             self.stats.dropped += 1
 
@@ -228,126 +271,217 @@ def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-class Watcher:
-    """Iterate to run the watch; each item is one JSON-ready record: kind "answer", "gap" or "end" (the last).
-    `stop()` (from a signal handler or another thread) ends it after the current answer."""
+class Stream:
+    """One watched source and everything the watcher keeps for it: its feed thread and queue, its ring of encoded
+    frames, its rules and when each is next due."""
 
-    def __init__(self, rt, source, rules: list[Rule], sample_fps: float = 2.0, realtime: bool = False,
-                 max_outage: float = 600.0, max_new_tokens: int | None = None):
-        if not rules:
-            raise BadInput("a watch needs at least one rule (a question with an interval and a window)")
-        check_names(rules, "rules")
-        if not sample_fps > 0:
-            raise BadInput(f"sample rate {sample_fps!r}: must be a positive number of frames per second")
+    def __init__(self, name: str, source: Source, rules: list[Rule], feed: FrameFeed, ring: FeatureRing):
+        self.name, self.source, self.rules, self.feed, self.ring = name, source, rules, feed, ring
+        self.due = None  # rule -> next due stream time, counted from the first frame's time
+        self.newest = -math.inf
+        self.encoded, self.encode_s = 0, 0.0
+        self.pending = None  # a gap, end or error taken from the queue, handled after the frames before it
+        self.state = None  # None while it runs; then why it ended ("end of file", "lost: ...")
+        self.lost: SourceLost | None = None  # why it was given up after its max_outage
+
+    def counts(self) -> dict:
+        s = self.feed.stats
+        return {"decoded": s.decoded, "sampled": s.sampled, "encoded": self.encoded, "dropped": s.dropped,
+                "reconnects": s.reconnects}
+
+
+class Watcher:
+    """Iterate to run the watch; each item is one JSON-ready record: kind "answer", "gap", "lost" (a source given up
+    after its max_outage; the others go on) or "end" (the last), each with its `source`. `stop()` (from a signal
+    handler or another thread) ends it after the current answer.
+
+    `sources`: one source, {name: source or mapping with url and its own rules / sample_fps / max_outage /
+    rtsp_transport}, or the list `rules.load_sources` reads; `rules` serve the sources that have none of their own.
+    One runtime serves them all: each source has its own decoding thread, queue and ring; the encoder takes their
+    frames round robin, in batches of up to a queue's worth, and due questions are answered in order of due
+    time across sources."""
+
+    def __init__(self, rt, sources, rules: list[Rule], sample_fps: float = 2.0, realtime: bool = False,
+                 max_outage: float = 600.0, max_new_tokens: int | None = None, rtsp_transport: str = "tcp"):
+        if rules:
+            check_names(rules, "rules")
         if rt.qa is not None:
             raise BadInput("the watcher asks on uniform SlowFast tokens of each window; load the runtime without "
                            "frame_selection / pooling for a watch")
-        self.rules, self.max_new_tokens = rules, max_new_tokens
-        self.source = source if isinstance(source, Source) else Source(source)
-        longest = max(r.window for r in rules)
-        # The ring holds the longest window back from a due time that may lag the newest frame by one encode batch.
-        capacity = math.ceil(longest * sample_fps) + rt.plan.encode_chunk + 1
-        # Our own view of the runtime, planned with the ring and queue: the caller's runtime keeps its plan.
-        self.rt = rt.replanned(ring_frames=capacity, queued_frames=QUEUE_FRAMES)
+        self.max_new_tokens, self.wake = max_new_tokens, threading.Event()
+        specs = as_sources(sources)
+        built = []
+        for spec in specs:
+            fps = spec.sample_fps or sample_fps
+            if not fps > 0:
+                raise BadInput(f"sample rate {fps!r}: must be a positive number of frames per second")
+            source = Source(spec.target, spec.rtsp_transport or rtsp_transport)
+            name = spec.name or source.label
+            own = spec.rules or rules
+            if not own:
+                raise BadInput(f"source {name}: a watch needs at least one rule (a question with an interval and a "
+                               f"window), for every source")
+            built.append((name, source, own, fps, spec.max_outage or max_outage))
+        names = [b[0] for b in built]
+        if len(set(names)) < len(names):
+            raise BadInput(f"two sources are named {next(n for n in names if names.count(n) > 1)!r}; names label "
+                           f"the records and must differ")
+        # One encode batch, across sources, is at most a queue's worth of frames, as it was for a single source:
+        # on a CPU a bigger batch encodes no faster, and the encoder's activations would grow with the sources.
+        self.batch = min(rt.plan.encode_chunk, QUEUE_FRAMES)
+        # Each ring holds its longest window back from a due time that may lag the newest frame by one encode batch.
+        capacity = {name: math.ceil(max(r.window for r in own) * fps) + self.batch + 1
+                    for name, _, own, fps, _ in built}
+        # Our own view of the runtime, planned with every ring and queue: the caller's runtime keeps its plan.
+        self.rt = rt.replanned(rings={n: (c, QUEUE_FRAMES) for n, c in capacity.items()})
         v = rt.manifest["vision"]
-        self.ring = FeatureRing(capacity, (v["tokens_per_frame"], v["hidden_size"]))
-        self.feed = FrameFeed(self.source, rt.size, sample_fps, realtime, max_outage)
-        self.encoded, self.encode_s = 0, 0.0
-        self.due = None  # rule -> next due stream time, counted from the first frame's time
+        self.streams = [Stream(name, source, own,
+                               FrameFeed(source, rt.size, fps, realtime, outage, self.wake),
+                               FeatureRing(capacity[name], (v["tokens_per_frame"], v["hidden_size"])))
+                        for name, source, own, fps, outage in built]
         self._stop = threading.Event()
-        self._windows = {}  # (end, window) -> VisualTokens: rules due together on one window share its KV prefix
+        self._turn = 0  # which source the round robin starts with
+        self._windows = {}  # (source, end, window) -> VisualTokens: rules due together on one window share its prefix
 
     def stop(self):
         self._stop.set()
 
     def __iter__(self):
-        self.feed.start()
-        newest, pending = -math.inf, None
+        for s in self.streams:
+            s.feed.start()
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and any(s.state is None for s in self.streams):
+                self.wake.clear()  # before looking: a frame put after the look sets it again
+                events, batch = self._take()
+                for stream, item in events:
+                    yield from self._event(stream, item)
+                if batch:
+                    yield from self._answer_due(self._encode(batch))
+                elif not events:
+                    self.wake.wait(0.1)
+            yield self._end()
+            lost = [s.lost for s in self.streams if s.lost]
+            if lost and not self._stop.is_set():  # the exit code says a source was lost
+                raise lost[0] if len(self.streams) == 1 else SourceLost(
+                    f"{len(lost)} of {len(self.streams)} sources lost: " + "; ".join(map(str, lost)))
+        finally:
+            for s in self.streams:
+                s.feed.stopping.set()
+            for s in self.streams:
+                s.feed.join(timeout=READ_TIMEOUT_MS / 1000 + 1)
+
+    def _take(self):
+        """Events held back last turn, and up to one encode chunk of frames taken one source at a time in turn
+        (so a busy source cannot starve the others); a source's gap, end or error waits behind its frames."""
+        running = [s for s in self.streams if s.state is None]
+        events = [(s, s.pending) for s in running if s.pending]
+        for s in running:
+            s.pending = None
+        self._turn = (self._turn + 1) % len(running)
+        order = running[self._turn:] + running[:self._turn]
+        batch, chunk = [], self.batch
+        while len(batch) < chunk:
+            took = False
+            for s in order:
+                if s.pending or len(batch) >= chunk:
+                    continue
                 try:
-                    item = pending or self.feed.queue.get(timeout=0.1)
+                    item = s.feed.queue.get_nowait()
                 except queue.Empty:
                     continue
-                pending = None
+                took = True
                 if item[0] == "frame":
-                    batch = [item]
-                    while len(batch) < self.rt.plan.encode_chunk:
-                        try:
-                            nxt = self.feed.queue.get_nowait()
-                        except queue.Empty:
-                            break
-                        if nxt[0] != "frame":
-                            pending = nxt  # handled next turn, after this batch
-                            break
-                        batch.append(nxt)
-                    self._encode(batch)
-                    if self.due is None:
-                        self.due = {r.name: batch[0][1] + r.every for r in self.rules}
-                    newest = batch[-1][1]
-                    yield from self._answer_due(newest)
-                elif item[0] == "gap":
-                    yield {"kind": "gap", "time": _now_iso(), "source": self.source.label,
-                           "stream_start": round(item[1], 3), "stream_end": round(item[2], 3),
-                           "reopen_attempts": item[3], "frames": self._frame_counts()}
-                elif item[0] == "end":
-                    yield self._end(item[1], newest)
-                    return
+                    batch.append((s, item))
                 else:
-                    yield self._end(f"error: {item[1]}", newest)
-                    raise item[1]
-            yield self._end("stopped", newest)
-        finally:
-            self.feed.stopping.set()
-            self.feed.join(timeout=READ_TIMEOUT_MS / 1000 + 1)
+                    s.pending = item
+            if not took:
+                break
+        if not batch:  # nothing to encode first: the held-back events go now
+            events += [(s, s.pending) for s in order if s.pending]
+            for s in order:
+                s.pending = None
+        return events, batch
 
-    def _encode(self, batch):
+    def _event(self, stream: Stream, item):
+        if item[0] == "gap":
+            yield {"kind": "gap", "time": _now_iso(), "source": stream.name,
+                   "stream_start": round(item[1], 3), "stream_end": round(item[2], 3),
+                   "reopen_attempts": item[3], "frames": stream.counts()}
+        elif item[0] == "end":
+            stream.state = item[1]
+        elif isinstance(item[1], SourceLost):  # this source is given up; the others go on
+            stream.state, stream.lost = f"lost: {item[1]}", item[1]
+            yield {"kind": "lost", "time": _now_iso(), "source": stream.name, "reason": str(item[1]),
+                   "stream_time": _stream_time(stream.newest), "frames": stream.counts(),
+                   "rss_mb": current_rss() // 10**6}
+        else:  # a source that cannot be read at all (a bad address, a bad frame): the watch stops with its error
+            stream.state = f"error: {item[1]}"
+            yield self._end()
+            raise item[1]
+
+    def _encode(self, batch) -> list:
+        """Encodes the frames of every source in one batch; the streams that got frames."""
         t0 = time.perf_counter()
-        feats = self.rt.encode_pixels(np.stack([b[2] for b in batch]))
-        self.encode_s += time.perf_counter() - t0
-        self.encoded += len(batch)
-        self.ring.push(feats, [b[1] for b in batch], [b[3] for b in batch])
+        feats = self.rt.encode_pixels(np.stack([item[2] for _, item in batch]))
+        per_frame = (time.perf_counter() - t0) / len(batch)
+        fed = []
+        for stream in dict.fromkeys(s for s, _ in batch):
+            mine = [i for i, (s, _) in enumerate(batch) if s is stream]
+            items = [batch[i][1] for i in mine]
+            stream.ring.push(feats[mine], [it[1] for it in items], [it[3] for it in items])
+            stream.encoded += len(mine)
+            stream.encode_s += per_frame * len(mine)
+            if stream.due is None:
+                stream.due = {r.name: items[0][1] + r.every for r in stream.rules}
+            stream.newest = items[-1][1]
+            fed.append(stream)
+        return fed
 
-    def _answer_due(self, newest: float):
-        live = self.feed.drops  # a live source, or a file played in real time
-        for rule in self.rules:
-            skipped = 0
-            while self.due[rule.name] <= newest + 1e-9:
-                due = self.due[rule.name]
-                self.due[rule.name] += rule.every
-                # Live: answer only the latest due window; older ones would describe the past late.
-                if live and self.due[rule.name] <= newest + 1e-9:
-                    skipped += 1
-                    continue
-                if self._stop.is_set():
-                    return
-                yield self._answer(rule, due, skipped)
+    def _answer_due(self, streams: list):
+        """Every rule now due on these streams, answered in order of due time across them."""
+        due = []
+        for order, stream in enumerate(streams):
+            live = stream.feed.drops  # a live source, or a file played in real time
+            for k, rule in enumerate(stream.rules):
                 skipped = 0
+                while stream.due[rule.name] <= stream.newest + 1e-9:
+                    at = stream.due[rule.name]
+                    stream.due[rule.name] += rule.every
+                    # Live: answer only the latest due window; older ones would describe the past late.
+                    if live and stream.due[rule.name] <= stream.newest + 1e-9:
+                        skipped += 1
+                        continue
+                    due.append((at, order, k, stream, rule, skipped))
+                    skipped = 0
+        for at, _, _, stream, rule, skipped in sorted(due, key=lambda d: d[:3]):
+            if self._stop.is_set():
+                break
+            yield self._answer(stream, rule, at, skipped)
         self._windows.clear()
 
-    def _answer(self, rule: Rule, due: float, skipped: int) -> dict:
+    def _answer(self, stream: Stream, rule: Rule, due: float, skipped: int) -> dict:
         t0 = time.perf_counter()
-        slots = self.ring.window(due - rule.window, due)
-        record = {"kind": "answer", "time": None, "rule": rule.name, "question": rule.question,
+        slots = stream.ring.window(due - rule.window, due)
+        record = {"kind": "answer", "time": None, "source": stream.name, "rule": rule.name, "question": rule.question,
                   "window": {"start": round(max(0.0, due - rule.window), 3), "end": round(due, 3),
                              "frames": len(slots)}}
         if len(slots) == 0:
             return {**record, "time": _now_iso(), "answer": None, "triggered": False,
                     "note": "no frames in this window (the stream was down): not asked",
-                    "skipped_due": skipped, "frames": self._frame_counts(), "rss_mb": current_rss() // 10**6}
+                    "skipped_due": skipped, "frames": stream.counts(), "rss_mb": current_rss() // 10**6}
         if len(slots) > self.rt.plan.frames:
             slots = slots[sample_indices(len(slots), self.rt.plan.frames)]
-        key = (round(due, 6), rule.window)
+        key = (stream.name, round(due, 6), rule.window)
         vt = self._windows.get(key)
         aggregate = 0.0
         if vt is None:
-            tokens = self.rt.aggregate(self.ring.features[slots])
+            tokens = self.rt.aggregate(stream.ring.features[slots])
             aggregate = time.perf_counter() - t0
-            times = [round(float(t), 3) for t in self.ring.times[slots]]
+            times = [round(float(t), 3) for t in stream.ring.times[slots]]
             vt = VisualTokens(tokens, times, len(times), "stream", {"aggregate": aggregate})
             self._windows[key] = vt
         ans = self.rt.ask(vt, rule.question, max_new_tokens=self.max_new_tokens)
-        latest_arrival = float(self.ring.arrivals[slots[-1]])
+        latest_arrival = float(stream.ring.arrivals[slots[-1]])
         return {**record, "time": _now_iso(),
                 "window": {**record["window"], "frames_used": len(slots), "first_frame": vt.frame_indices[0],
                            "last_frame": vt.frame_indices[-1]},
@@ -356,16 +490,28 @@ class Watcher:
                               "generate": round(ans.timings["generate"], 4),
                               "answer": round(time.perf_counter() - t0, 4),
                               "since_last_frame": round(time.monotonic() - latest_arrival, 4),
-                              "encode_per_frame": round(self.encode_s / max(self.encoded, 1), 4)},
+                              "encode_per_frame": round(stream.encode_s / max(stream.encoded, 1), 4)},
                 "reused_prefix": ans.reused_prefix, "generated_tokens": ans.generated_tokens,
-                "skipped_due": skipped, "frames": self._frame_counts(), "rss_mb": current_rss() // 10**6}
+                "skipped_due": skipped, "frames": stream.counts(), "rss_mb": current_rss() // 10**6}
 
-    def _frame_counts(self) -> dict:
-        s = self.feed.stats
-        return {"decoded": s.decoded, "sampled": s.sampled, "encoded": self.encoded, "dropped": s.dropped,
-                "reconnects": s.reconnects}
+    def _end(self) -> dict:
+        """The last record: one source's as before; with several, their totals and each one's state."""
+        states = {s.name: s.state or "stopped" for s in self.streams}
+        newest = max(s.newest for s in self.streams)
+        if len(self.streams) == 1:
+            only = self.streams[0]
+            return {"kind": "end", "time": _now_iso(), "source": only.name, "reason": states[only.name],
+                    "stream_time": _stream_time(newest), "frames": only.counts(), "rss_mb": current_rss() // 10**6}
+        totals = {k: sum(s.counts()[k] for s in self.streams) for k in self.streams[0].counts()}
+        errors = [st for st in states.values() if st.startswith("error:")]
+        reason = (errors[0] if errors else "stopped" if "stopped" in states.values()
+                  else "every source ended or was lost")
+        return {"kind": "end", "time": _now_iso(), "source": None, "reason": reason,
+                "stream_time": _stream_time(newest), "frames": totals, "rss_mb": current_rss() // 10**6,
+                "sources": {s.name: {"label": s.source.label, "state": states[s.name],
+                                     "stream_time": _stream_time(s.newest), "frames": s.counts()}
+                            for s in self.streams}}
 
-    def _end(self, reason: str, newest: float) -> dict:
-        return {"kind": "end", "time": _now_iso(), "reason": reason,
-                "stream_time": round(newest, 3) if newest > -math.inf else None, "frames": self._frame_counts(),
-                "rss_mb": current_rss() // 10**6}
+
+def _stream_time(t: float):
+    return round(t, 3) if t > -math.inf else None

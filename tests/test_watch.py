@@ -1,5 +1,5 @@
-"""The camera watcher: rules, sources (file, synthetic frames, an HTTP MJPEG stream served here), reconnection,
-signals, and bounded memory over a long stream."""
+"""The camera watcher: rules, sources (file, synthetic frames, an HTTP MJPEG stream served here), many sources on
+one model, reconnection, signals, and bounded memory over a long stream. RTSP: tests/test_rtsp.py."""
 import http.server
 import json
 import signal
@@ -14,8 +14,8 @@ import pytest
 
 from sfedge.runtime import Runtime
 from sfedge.runtime.errors import BadInput, DoesNotFit, SourceLost
-from sfedge.runtime.planner import make_plan
-from sfedge.runtime.rules import load_rules, parse_duration, rules_from_args
+from sfedge.runtime.planner import least_plan, make_plan
+from sfedge.runtime.rules import SourceSpec, load_rules, load_sources, parse_duration, rules_from_args
 from sfedge.runtime.watch import Source
 
 
@@ -162,19 +162,118 @@ def test_a_live_source_drops_frames_it_cannot_encode_in_time_and_counts_them():
 
 def test_the_plan_accounts_for_the_ring_buffer(rt):
     base = make_plan(rt.manifest, None, 8, 6)
-    ring = make_plan(rt.manifest, None, 8, 6, ring_frames=1000, queued_frames=16)
+    ring = make_plan(rt.manifest, None, 8, 6, rings={"cam": (1000, 16)})
     v = rt.manifest["vision"]
     assert ring.total - base.total == 1000 * v["tokens_per_frame"] * v["hidden_size"] * 4 + 16 * 32 * 32 * 3
     with pytest.raises(DoesNotFit):
-        make_plan(rt.manifest, base.total + 1000, 8, 6, ring_frames=100_000)
+        make_plan(rt.manifest, base.total + 1000, 8, 6, rings={"cam": (100_000, 16)})
 
 
 def test_a_watch_plans_its_ring_on_its_own_view_of_the_runtime(rt):
     before = rt.plan
     watcher = rt.watch([(i / 2, frame(i)) for i in range(4)], [{"question": "q", "every": "10s", "window": "20s"}])
-    assert rt.plan is before and not any(k.startswith("watch:") for k in rt.plan.parts)
-    assert any(k.startswith("watch: feature ring") for k in watcher.rt.plan.parts)
+    assert rt.plan is before and not any(k.startswith("watch") for k in rt.plan.parts)
+    assert any(k.startswith("watch frames: feature ring") for k in watcher.rt.plan.parts)
     assert watcher.rt.llm is rt.llm and watcher.rt.vision is rt.vision  # one model, shared
+
+
+# ---- many sources, one model -------------------------------------------------------------------------------------
+
+def test_many_sources_share_one_model_and_are_answered_in_due_order(rt, monkeypatch):
+    door = [(i / 10, frame(i)) for i in range(10 * 21)]  # 21 s at 10 fps
+    yard = [(100 + i / 4, frame(i + 50)) for i in range(4 * 25)]  # 25 s at 4 fps, on a clock starting at 100 s
+    rules = [{"name": "what", "question": "What happens?", "every": "10s", "window": "10s"},
+             {"name": "who", "question": "Who is there?", "every": "10s", "window": "10s"}]
+    encoded = []
+    run = rt.vision.run
+    with monkeypatch.context() as m:
+        m.setattr(rt.vision, "run", lambda feeds: encoded.append(len(feeds["frames"])) or run(feeds))
+        watcher = rt.watch({"door": door, "yard": {"url": yard, "questions": ["Is the gate open?"], "every": "5s",
+                                                   "window": "5s", "sample_fps": 4}}, rules, sample_fps=2)
+        records = list(watcher)
+    assert watcher.rt.vision is rt.vision and watcher.rt.llm is rt.llm
+    answers = [r for r in records if r["kind"] == "answer"]
+    assert [(r["source"], r["rule"], r["window"]["end"]) for r in answers if r["source"] == "door"] == [
+        ("door", n, e) for e in (10.0, 20.0) for n in ("what", "who")]
+    assert [r["window"]["end"] for r in answers if r["source"] == "yard"] == [105.0, 110.0, 115.0, 120.0]
+    assert [r["reused_prefix"] for r in answers if r["source"] == "door"] == [False, True] * 2
+    end = records[-1]
+    assert end["kind"] == "end" and end["reason"] == "every source ended or was lost"
+    assert end["sources"]["door"]["frames"]["encoded"] == 42 and end["sources"]["yard"]["frames"]["encoded"] == 100
+    assert end["frames"]["encoded"] == 142 == sum(encoded)  # every frame of both encoded once, in shared batches
+    assert max(encoded) == watcher.batch and len(encoded) < 142 / 2  # in batches, not frame by frame
+
+
+def test_due_questions_are_answered_in_due_order_across_sources(rt, monkeypatch):
+    watcher = rt.watch({"a": [], "b": []}, [{"name": "q", "question": "q", "every": "3s", "window": "3s"}])
+    a, b = watcher.streams
+    a.due, a.newest = {"q": 3.0}, 10.0  # due at 3, 6 and 9
+    b.due, b.newest = {"q": 1.5}, 8.0  # due at 1.5, 4.5 and 7.5
+    monkeypatch.setattr(watcher, "_answer", lambda stream, rule, due, skipped: (stream.name, due))
+    assert list(watcher._answer_due([a, b])) == [("b", 1.5), ("a", 3.0), ("b", 4.5), ("a", 6.0), ("b", 7.5),
+                                                 ("a", 9.0)]
+
+
+def test_sources_file_and_its_errors(tmp_path):
+    (tmp_path / "door-rules.yaml").write_text("- {question: 'Is anyone at the door?', every: 10s, window: 20s}\n")
+    f = tmp_path / "cameras.yaml"
+    f.write_text("- name: door\n  url: rtsp://u:p@10.0.0.7/stream\n  rules: door-rules.yaml\n  sample_fps: 1\n"
+                 "- name: yard\n  url: 0\n  questions: ['Is the gate open?']\n  every: 5s\n  max_outage: 2m\n"
+                 "  rtsp_transport: udp\n")
+    door, yard = load_sources(f)
+    assert (door.name, door.target, door.sample_fps, door.rules[0].window) == ("door", "rtsp://u:p@10.0.0.7/stream",
+                                                                               1, 20)
+    assert (yard.target, yard.rules[0].every, yard.max_outage, yard.rtsp_transport) == (0, 5, 120, "udp")
+    for text, complaint in (("- {name: a}\n", "source 'a': 'url' is missing"),
+                            ("- {name: a, url: x, colour: red}\n", "unknown field(s) colour"),
+                            ("- {name: a, url: x, rtsp_transport: quic}\n", "rtsp_transport 'quic'"),
+                            ("- {name: a, url: x, sample_fps: 0}\n", "sample_fps 0"),
+                            ("- {name: a, url: x, every: 5s}\n", "every, window and trigger go with questions"),
+                            ("- {name: a, url: x, rules: [{question: q, every: 5s}]}\n", "rule 1: 'window' is missing"),
+                            ("- {url: x}\n", "source 1: must be a mapping with a name")):
+        f.write_text(text)
+        with pytest.raises(BadInput) as e:
+            load_sources(f)
+        assert str(f) in str(e.value) and complaint in str(e.value)
+
+
+def test_names_and_rules_of_many_sources_are_checked(rt):
+    with pytest.raises(BadInput, match="source b: a watch needs at least one rule"):
+        rt.watch({"a": {"url": [], "questions": ["q"]}, "b": []})
+    two_unnamed = [SourceSpec(None, []), SourceSpec(None, [])]  # both labelled "frames"
+    with pytest.raises(BadInput, match="two sources are named 'frames'"):
+        rt.watch(two_unnamed, [{"question": "q", "every": 1, "window": 1}])
+
+
+def test_a_budget_too_small_for_n_sources_is_refused_with_the_largest_n(rt):
+    v, rules = rt.manifest["vision"], [{"question": "q", "every": "10s", "window": "60s"}]
+    least = least_plan(rt.manifest, rt.plan.frames, max_new_tokens=rt.plan.max_new_tokens,
+                       vision_variant=rt.plan.vision_variant)
+    per_frame = v["tokens_per_frame"] * v["hidden_size"] * 4
+    tight = rt.replanned()
+    tight.plan = make_plan(rt.manifest, least.total + 300 * per_frame, rt.plan.frames, rt.plan.max_new_tokens,
+                           rt.plan.vision_variant)
+    # 60 s at 2 frames/s and one encode batch, and the queue
+    ring = (120 + min(tight.plan.encode_chunk, 16) + 1) * per_frame + 16 * 32 * 32 * 3
+    fit = 300 * per_frame // ring
+    assert 1 <= fit < 4
+    with pytest.raises(DoesNotFit) as e:
+        tight.watch({n: [] for n in "abcd"}, rules, sample_fps=2)
+    assert "4 sources need" in str(e.value) and f"at most {fit} of these sources fit" in str(e.value)
+    records = list(tight.watch({n: [(0, frame(0))] for n in "abcd"[:fit]}, rules, sample_fps=2))
+    assert records[-1]["kind"] == "end"  # as many as it said fit
+
+
+def test_cli_watches_named_files_with_one_model(tiny_bundle, tmp_path):
+    a, b = write_video(tmp_path / "a.mp4", 6), write_video(tmp_path / "b=1.mp4", 4)
+    r = subprocess.run([sys.executable, "-m", "sfedge.runtime.cli", "watch", str(tiny_bundle[0]), "--source",
+                        f"door={a}", "--source", str(b), "-q", "What happens?", "--every", "2s", "--window", "2s",
+                        "--max-new-tokens", "3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    answers = [x for x in records if x["kind"] == "answer"]  # frames at 0.0 ... 5.9 s and 0.0 ... 3.9 s
+    assert sorted((x["source"], x["window"]["end"]) for x in answers) == [(str(b), 2.0), ("door", 2.0), ("door", 4.0)]
+    assert set(records[-1]["sources"]) == {"door", str(b)} and "one model for 2 source(s)" in r.stderr
 
 
 # ---- a real network source ---------------------------------------------------------------------------------------
