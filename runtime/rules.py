@@ -107,22 +107,28 @@ def make_rule(spec, index: int, where: str) -> Rule:
     return Rule(name, question.strip(), every, window, regex, keywords)
 
 
-def load_rules(path) -> list[Rule]:
+def _yaml_list(path: Path, what: str, fields: str) -> list:
+    """A YAML file holding a non-empty list of `what` (or a mapping with it under the key `what`)."""
     import yaml
 
-    path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise BadInput(f"{path}: no such rules file") from None
+        raise BadInput(f"{path}: no such {what} file") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}: cannot read the rules file ({e})") from None
+        raise BadInput(f"{path}: cannot read the {what} file ({e})") from None
     except yaml.YAMLError as e:
         raise BadInput(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if isinstance(data, dict) and "rules" in data:
-        data = data["rules"]
+    if isinstance(data, dict) and what in data:
+        data = data[what]
     if not isinstance(data, list) or not data:
-        raise BadInput(f"{path}: expected a non-empty list of rules (question, every, window, optional trigger)")
+        raise BadInput(f"{path}: expected a non-empty list of {what} ({fields})")
+    return data
+
+
+def load_rules(path) -> list[Rule]:
+    path = Path(path)
+    data = _yaml_list(path, "rules", "question, every, window, optional trigger")
     return check_names([make_rule(spec, i, str(path)) for i, spec in enumerate(data)], str(path))
 
 
@@ -227,21 +233,8 @@ def make_source(spec, name, where: str, folder: Path | None = None) -> SourceSpe
 def load_sources(path) -> list[SourceSpec]:
     """A YAML list of sources, each with name and url (and optional rules or questions, sample_fps, max_outage,
     rtsp_transport); a rules file named in it is found beside it."""
-    import yaml
-
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise BadInput(f"{path}: no such sources file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}: cannot read the sources file ({e})") from None
-    except yaml.YAMLError as e:
-        raise BadInput(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if isinstance(data, dict) and "sources" in data:
-        data = data["sources"]
-    if not isinstance(data, list) or not data:
-        raise BadInput(f"{path}: expected a non-empty list of sources (name, url, optional rules or questions)")
+    data = _yaml_list(path, "sources", "name, url, optional rules or questions")
     specs = []
     for i, spec in enumerate(data):
         if not isinstance(spec, dict) or not spec.get("name"):
