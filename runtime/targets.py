@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cpu
 from .errors import BadInput
 from .memory import available_memory, total_memory
 from .planner import Plan, decode_bytes_per_token, llm_file_bytes
@@ -87,10 +88,11 @@ def this_machine() -> Target:
 
 
 def cached_bandwidth(total: int) -> float:
-    """The read probe's figure, kept in ~/.cache/sfedge for this machine (cores and memory size)."""
+    """The read probe's figure, kept in ~/.cache/sfedge for this machine (CPU kind, cores and memory size: a disk
+    that moves between VMs of one size but another CPU kind must not carry the figure along)."""
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     path = base / "sfedge" / "bandwidth.json"
-    key = f"{os.cpu_count()} cores, {total} bytes"
+    key = f"{cpu.describe()}, {total} bytes"
     try:
         known = json.loads(path.read_text())
         if known.get("machine") == key:

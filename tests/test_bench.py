@@ -1,6 +1,7 @@
 """sf-bench's own logic: statistics, the collect loop's policy for a failed worker, the worker process's error
 path, the report files, and the suites' summaries (on stand-in worker results)."""
 import json
+import os
 import sys
 
 import matplotlib  # noqa: F401  (the bench extra: the report's plots are part of what is tested)
@@ -63,6 +64,19 @@ def test_a_failed_worker_gives_its_reason(tmp_path):
         spawn.run("scale", {"bundle": tmp_path / "missing", "video": "demo", "frames": 8})
     with pytest.raises(spawn.WorkerFailed, match="^KeyError: 'no_such_worker'"):
         spawn.run("no_such_worker", {})
+
+
+def test_a_worker_reply_survives_native_output_on_stdout(tmp_path, monkeypatch):
+    """llama.cpp's quantizer prints a warning from C, flushed at exit after anything Python printed: the reply
+    travels in its own file, so a warning is not a failure."""
+    def noisy():
+        os.write(1, b"llama_model_quantize: 1 of 272 tensor(s) required fallback quantization\n")
+        return {"x": 1.0}
+
+    monkeypatch.setitem(workers.WORKERS, "noisy", noisy)
+    reply = tmp_path / "reply.json"
+    assert spawn.child("noisy", "{}", str(reply)) == 0
+    assert json.loads(reply.read_text()) == {"result": {"x": 1.0}}
 
 
 def test_llama_cpp_absent_is_unavailable_with_a_reason(monkeypatch):

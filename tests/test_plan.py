@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import export_tiny
-from sfedge.runtime import targets
+from sfedge.runtime import cpu, targets
 from sfedge.runtime.config_plan import SUPPORTED, manifest_from_config, read_config
 from sfedge.runtime.errors import BadInput
 from sfedge.runtime.planner import decode_bytes_per_token, least_plan, make_plan, most_frames
@@ -151,6 +151,10 @@ def test_targets_and_this_machine(tmp_path, monkeypatch):
     (tmp_path / "sfedge" / "bandwidth.json").write_text(json.dumps({**cache, "read_bytes_per_s": 1e9}))
     here = targets.get("this")
     assert here.memory == total and here.bandwidth == 1e9 and 0 <= here.reserved < here.memory
+    # The same disk on a VM of another CPU kind (same cores and memory) probes again.
+    other = cache["machine"].replace(cpu.describe(), "Intel(R) Xeon(R) Platinum (avx512f, amx_tile), 2 cores")
+    (tmp_path / "sfedge" / "bandwidth.json").write_text(json.dumps({"machine": other, "read_bytes_per_s": 1e9}))
+    assert cpu.describe() in cache["machine"] and targets.get("this").bandwidth != 1e9
     assert targets.read_bandwidth(16 * 10**6) > 1e8
 
 

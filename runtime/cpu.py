@@ -1,0 +1,32 @@
+"""Which CPU this is. Speed differs by CPU kind (AMD EPYC against Intel Xeon with AMX, at the same core count), so
+benchmark reports name it and per-machine caches (bandwidth, tuned settings) are keyed by it."""
+from __future__ import annotations
+
+import os
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")  # what picks the fast int8/int4 kernels
+
+
+@lru_cache(maxsize=1)
+def info() -> tuple[str, tuple[str, ...]]:
+    """(model name, the flags of interest it has); from /proc/cpuinfo on Linux."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU", ()
+    fields = {}
+    for line in text.splitlines():  # the first processor's block is enough: the cores are alike
+        if ":" in line:
+            k, v = line.split(":", 1)
+            fields.setdefault(k.strip(), v.strip())
+    have = set(fields.get("flags", "").split())
+    return fields.get("model name", "unknown CPU"), tuple(f for f in FLAGS if f in have)
+
+
+def describe() -> str:
+    """'AMD EPYC (avx512f, avx512_vnni, avx512_bf16), 2 cores': what every figure is measured on."""
+    name, flags = info()
+    return f"{name} ({', '.join(flags) or 'no AVX-512'}), {os.cpu_count()} cores"
