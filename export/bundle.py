@@ -21,6 +21,7 @@ import torch
 
 from sfedge.calibration.frames import sample_frames
 from sfedge.runtime import manifest as manifest_schema
+from sfedge.runtime.config_plan import wants_int8_twin
 from sfedge.runtime.errors import BadInput, ExportFailed, LowFidelity
 from sfedge.runtime.memory import give_back
 from sfedge.runtime.prompt import eos_ids, spec_from_tokenizer
@@ -53,12 +54,18 @@ class Options:
     fidelity_text_tokens: int = 2048
     nf4: bool = False
     kv_cache: str = "float32"
+    prefill: str = "auto"  # int8: an int8-weight prefill twin; none; auto: int8 up to TWIN_MAX_PARAMS
     note: str | None = None
     clip: str | None = None  # CLIP / SigLIP checkpoint folder: question-aware selection and pooling
     allow_mismatched_clip: bool = False
     pooling_kernel: tuple = (2, 3, 3)  # prompt-guided pooling window over T, H, W
     pooling_temperature: float = 0.01
     hub: dict | None = None  # {"repo_id", "revision"} when the checkpoint was named by a hub id
+
+    def int8_prefill(self, ckpt) -> bool:
+        """Whether to write the int8 prefill twin (of a 4-bit language model): asked for, or by default when its
+        weights stay small (config_plan.wants_int8_twin, which sf-plan predicts with)."""
+        return self.llm_precision == "int4" and wants_int8_twin(self.prefill, llm.dims(ckpt.model.config.text_config))
 
     def check(self):
         if self.slow_pool not in POOLS:
@@ -74,6 +81,8 @@ class Options:
             raise BadInput("--block-size must be 32, 64 or 128")
         if self.kv_cache not in ("float32", "int8"):
             raise BadInput("--kv-cache must be float32 or int8")
+        if self.prefill not in ("auto", "int8", "none"):
+            raise BadInput("--prefill must be auto, int8 or none")
         if self.embeddings not in ("float16", "float32", "int8"):
             raise BadInput("--embeddings must be float16, float32 or int8")
         if len(self.pooling_kernel) != 3 or min(self.pooling_kernel) < 1 or self.pooling_temperature <= 0:
@@ -268,11 +277,16 @@ def _language_model(ckpt, bundle: Path, work: Path, opts: Options, visual: np.nd
     prompt = spec_from_tokenizer(ckpt.tokenizer, eos_ids(ckpt.model, ckpt.tokenizer))
     llm_spec, figures = llm.write_llm(stream, ckpt.tokenizer, bundle, prompt, precision=opts.llm_precision,
                                       block_size=opts.block_size, scheme=opts.llm_quant, embed_dtype=opts.embeddings,
-                                      kv_cache=opts.kv_cache, visual_tokens=visual,
+                                      kv_cache=opts.kv_cache, int8_prefill=opts.int8_prefill(ckpt),
+                                      visual_tokens=visual,
                                       text_tokens=opts.fidelity_text_tokens, log=log, bar=log.bar)
     ckpt.tokenizer.save_pretrained(work / "tokenizer")
     shutil.copy(work / "tokenizer" / "tokenizer.json", bundle / "tokenizer.json")
-    return stream, llm_spec, prompt, {"llm": llm_fidelity.verdict(figures, opts.llm_precision)}
+    twin = figures.pop("prefill_twin", None)
+    report = {"llm": llm_fidelity.verdict(figures, opts.llm_precision)}
+    if twin:
+        report["llm.prefill_twin"] = llm_fidelity.twin_verdict(twin)
+    return stream, llm_spec, prompt, report
 
 
 def _nf4(stream, tokenizer, bundle: Path, work: Path, opts: Options, llm_verdict: dict, log) -> tuple[dict, dict]:

@@ -8,8 +8,10 @@ The graph is ONNX Runtime's GroupQueryAttention decoder with `inputs_embeds` in 
   outputs logits [B, 1, vocab], present.N.key/value
   layer   RMSNorm (fused with the residual add) -> one MatMulNBits for q, k and v -> GroupQueryAttention (rotary
           inside, from cos/sin caches) -> o_proj -> RMSNorm -> gate/up -> SiLU(gate) * up -> down
-With an int8 KV cache each attention takes its layer's calibrated k/v scales; the fp32-KV twin is the same graph
-without them (the runtime prefills through it, see runtime/decoder.py).
+With an int8 KV cache each attention takes its layer's calibrated k/v scales. The prefill twin, prefill.onnx, is the
+same graph with an fp32 cache (without the scales) and, with `int8_twin`, every weight MatMul but lm_head as an
+int8-per-channel DynamicQuantizeMatMul (its weights in prefill.onnx.data): at prompt sizes ONNX Runtime's int8 GEMM
+runs about twice as fast as MatMulNBits. The runtime prefills through it (runtime/decoder.py).
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ class DataFile:
 
     def tensor(self, name: str, array: np.ndarray) -> TensorProto:
         array = np.ascontiguousarray(array)
-        pad = -self.file.tell() % ALIGN
+        pad = -self.file.tell() % ALIGN if array.nbytes >= ALIGN else 0  # a small tensor is copied anyway
         self.file.write(b"\0" * pad)
         offset = self.file.tell()
         self.file.write(array.tobytes())
@@ -79,9 +81,11 @@ class MatMuls:
     """Nodes and initializer references of a graph whose weight MatMuls are written in a scheme's format; weights
     go straight to the data file."""
 
-    def __init__(self, data: DataFile, scheme: Scheme):
-        self.data, self.scheme = data, scheme
-        self.nodes, self.inits = [], []
+    def __init__(self, data: DataFile, scheme: Scheme, twin_data: DataFile | None = None):
+        """`twin_data`: also write each weight as int8 per output channel there, for the int8 prefill twin."""
+        self.data, self.scheme, self.twin_data = data, scheme, twin_data
+        self.nodes, self.inits, self.twin_inits = [], [], []
+        self.twin_swaps = {}  # name of a MatMul's last node -> (names of all its nodes, the twin's node)
         self.counts = {"4-bit": 0, "8-bit": 0, "fp32": 0}
         self.block_sums = {}
 
@@ -92,8 +96,24 @@ class MatMuls:
     def node(self, op, inputs, outputs, name, domain="", **attrs) -> None:
         self.nodes.append(helper.make_node(op, inputs, outputs, name, domain=domain or None, **attrs))
 
-    def matmul(self, x: str, w: np.ndarray, name: str, out: str, bits: int, imp: np.ndarray | None) -> None:
-        """out = x @ w.T for a weight w [N, K] (PyTorch's Linear layout), in the scheme's format."""
+    def matmul(self, x: str, w: np.ndarray, name: str, out: str, bits: int, imp: np.ndarray | None,
+               twin: bool = True) -> None:
+        """out = x @ w.T for a weight w [N, K] (PyTorch's Linear layout), in the scheme's format; with twin data
+        (and `twin`), also as the int8 twin's DynamicQuantizeMatMul."""
+        first = len(self.nodes)
+        self._main_matmul(x, w, name, out, bits, imp)
+        if self.twin_data is not None and twin:
+            scale = np.maximum(np.abs(w).max(axis=1), 1e-12).astype(np.float32) / 127  # symmetric, per channel
+            codes = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+            inits = [self.twin_data.tensor(f"{name}.weight_int8", np.ascontiguousarray(codes.T)),
+                     self.twin_data.tensor(f"{name}.weight_scale", scale),
+                     self.twin_data.tensor(f"{name}.weight_zero_point", np.zeros(len(w), np.int8))]
+            self.twin_inits += inits
+            node = helper.make_node("DynamicQuantizeMatMul", [x, *(t.name for t in inits)], [out],
+                                    f"{name}/MatMul_int8", domain="com.microsoft")
+            self.twin_swaps[self.nodes[-1].name] = ({n.name for n in self.nodes[first:]}, node)
+
+    def _main_matmul(self, x, w, name, out, bits, imp) -> None:
         s = self.scheme
         if s.precision == "fp32":
             self.counts["fp32"] += 1
@@ -144,9 +164,11 @@ class DecoderGraph(MatMuls):
     """The decoder, a layer at a time: `layer(i, ...)` for each, then `finish(...)` writes the graph file(s)."""
 
     def __init__(self, folder: Path, dims: dict, scheme: Scheme, rotary: tuple[np.ndarray, np.ndarray],
-                 kv_int8: bool):
-        super().__init__(DataFile(Path(folder) / "model.onnx.data"), scheme)
-        self.folder, self.dims, self.kv_int8 = Path(folder), dims, kv_int8
+                 kv_int8: bool, int8_twin: bool = False):
+        folder = Path(folder)
+        super().__init__(DataFile(folder / "model.onnx.data"), scheme,
+                         DataFile(folder / "prefill.onnx.data") if int8_twin else None)
+        self.folder, self.dims, self.kv_int8 = folder, dims, kv_int8
         self.residual = None  # (residual stream, last output to add to it)
         self._attention_inputs(*rotary)
         self.shared = len(self.nodes)  # the attention-mask nodes every layer reads
@@ -228,19 +250,22 @@ class DecoderGraph(MatMuls):
 
     def finish(self, norm: np.ndarray, lm_head: np.ndarray, imp: np.ndarray | None) -> None:
         """The final norm, the last position picked out, lm_head; then the graph file(s): model.onnx and, with an
-        int8 KV cache, its fp32-KV twin prefill.onnx, both reading model.onnx.data."""
+        int8 KV cache or int8 twin weights, the fp32-KV twin prefill.onnx."""
         self.head = (len(self.nodes), list(self.residual))  # first node, input names
         h = self._norm(norm, "model.norm")
         self.nodes.append(helper.make_node("Constant", [], ["/lm_head/last_index"], value=helper.make_tensor(
             "/lm_head/last_value", TensorProto.INT64, [1], [-1])))
         self.node("Gather", [h, "/lm_head/last_index"], ["/lm_head/last"], "/lm_head/prune/Gather", axis=1)
-        self.matmul("/lm_head/last", lm_head, "lm_head", "logits", self.scheme.bits(None, "lm_head"), imp)
+        # One position: the twin shares the decoder's lm_head.
+        self.matmul("/lm_head/last", lm_head, "lm_head", "logits", self.scheme.bits(None, "lm_head"), imp, False)
         self.data.close()
         self._save(self.folder / "model.onnx", self.kv_int8)
-        if self.kv_int8:
-            self._save(self.folder / "prefill.onnx", False)
+        if self.twin_data is not None:
+            self.twin_data.close()
+        if self.kv_int8 or self.twin_data is not None:
+            self._save(self.folder / "prefill.onnx", False, self.twin_data is not None)
 
-    def _save(self, path: Path, kv_int8: bool) -> None:
+    def _save(self, path: Path, kv_int8: bool, int8_weights: bool = False) -> None:
         d = self.dims
         kv_type = TensorProto.INT8 if kv_int8 else TensorProto.FLOAT
         kv = [d["num_kv_heads"], "max_len", d["head_dim"]]
@@ -255,7 +280,29 @@ class DecoderGraph(MatMuls):
         if not kv_int8:  # the twin: attention without its scales
             nodes = [without_kv_scales(n) for n in nodes]
             inits = [t for t in inits if not t.name.endswith(("attn.k_scale", "attn.v_scale"))]
+        if int8_weights:
+            nodes, inits = self._int8_weights(nodes, inits)
         onnx.save(as_model(helper.make_graph(nodes, "decoder", inputs, outputs, initializer=inits)), path)
+
+
+    def _int8_weights(self, nodes: list, inits: list) -> tuple[list, list]:
+        """The twin's nodes: each weight MatMul swapped for its int8 one, and what only those MatMuls read (an
+        affine scheme's block sums and offsets) dropped."""
+        swapped = []
+        for n in nodes:
+            if n.name in self.twin_swaps:
+                swapped.append(self.twin_swaps[n.name][1])
+            elif not any(n.name in group for group, _ in self.twin_swaps.values()):
+                swapped.append(n)
+        while True:  # drop nodes whose outputs nothing reads (the block sums), until none is left
+            read = {i for n in swapped for i in n.input} | {"logits"} | {
+                f"present.{i}.{k}" for i in range(self.dims["num_layers"]) for k in ("key", "value")}
+            kept = [n for n in swapped if any(o in read for o in n.output if o)]
+            if len(kept) == len(swapped):
+                break
+            swapped = kept
+        read = {i for n in swapped for i in n.input}
+        return swapped, [t for t in inits if t.name in read] + self.twin_inits
 
 
 def as_model(graph: onnx.GraphProto) -> onnx.ModelProto:

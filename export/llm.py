@@ -58,11 +58,12 @@ def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision="int4", block_size=32,
-              scheme="imatrix", embed_dtype="float16", kv_cache="float32", visual_tokens=None, text_tokens=2048,
-              log=print, bar=None) -> tuple[dict, dict]:
+              scheme="imatrix", embed_dtype="float16", kv_cache="float32", int8_prefill=False, visual_tokens=None,
+              text_tokens=2048, log=print, bar=None) -> tuple[dict, dict]:
     """Write llm/ into the bundle and check it, in one pass over the layers: each fp32 layer sees the calibration
     sequences (its statistics taken), is quantized and written, then the check sequences pass through it and
-    through the layer just written, in ONNX Runtime. Returns the manifest's "llm" section and the fidelity
+    through the layer just written, in ONNX Runtime. With `int8_prefill`, also the int8-weight prefill twin,
+    checked as the runtime uses it (llm_fidelity.twin). Returns the manifest's "llm" section and the fidelity
     figures. `bar`: a progress-bar factory (desc, total)."""
     d = dims(stream.config)
     dst = bundle / "llm"
@@ -76,7 +77,8 @@ def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision
     del table
     cos, sin = stream.rotary(d["max_context"])
     graph = DecoderGraph(dst, d, Scheme(precision, scheme, block_size, d["num_layers"]),
-                         (cos[0, :, :d["head_dim"] // 2].numpy(), sin[0, :, :d["head_dim"] // 2].numpy()), kv_int8)
+                         (cos[0, :, :d["head_dim"] // 2].numpy(), sin[0, :, :d["head_dim"] // 2].numpy()), kv_int8,
+                         int8_prefill)
     layers = GraphLayers(graph)
     exported = [[c.got[None].astype(np.float32)] for c in checks]
     scales = {"k_scales": [], "v_scales": []}
@@ -113,6 +115,11 @@ def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision
             "kv_dtype": "int8" if kv_int8 else "float32"}
     if kv_int8:
         spec.update(prefill_graph="llm/prefill.onnx", kv_scales=scales)
+    if int8_prefill:
+        spec.update(prefill_graph="llm/prefill.onnx", prefill_weights="int8",
+                    prefill_external_data=["llm/prefill.onnx.data"])
+        log("checking the int8 prefill twin: prompts prefilled through it, answers decoded by the 4-bit graph")
+        figures["prefill_twin"] = llm_fidelity.twin(bundle, spec, checks, finals["reference"], head)
     return spec, figures
 
 

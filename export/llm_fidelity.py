@@ -27,6 +27,7 @@ from sfedge.runtime.prompt import embeds as prompt_embeds
 # 2.42). Per scheme on SmolLM2: README, "The language model at 4 bits".
 MAX_PPL_RATIO = 1.35
 MAX_KL_SHARE = 0.25
+TWIN_KL_MARGIN = 0.25
 ANSWER_TOKENS = 32  # the fixed answer after each prompt: the first tokens of the prose
 CHUNK_VALUES = 1 << 23  # logits made at a time (positions x vocab): 64 MB per float64 copy, whatever the vocab
 QUESTION = "Describe what happens in the video."
@@ -91,6 +92,42 @@ def compare(seqs: list[Sequence], ref_final: list[torch.Tensor], head: torch.Ten
     if "video" in per:
         out["teacher_forced_video"] = _summary(per["video"])
     return out
+
+
+def twin(bundle, spec: dict, seqs: list[Sequence], ref_final: list[torch.Tensor], head: torch.Tensor) -> dict:
+    """The int8 prefill twin as the runtime uses it: each prompt (chat and video) prefilled through the twin, its
+    fixed answer then fed a token at a time through the 4-bit decoder; against PyTorch at the answer positions,
+    beside the same with the prompt prefilled by the 4-bit decoder itself (what the twin may cost is the
+    difference)."""
+    from sfedge.runtime.decoder import Decoder
+
+    scored = [(s, r) for s, r in zip(seqs, ref_final) if s.group != "prose"]
+    longest = max(len(s.got) for s, _ in scored)
+    paths = {"twin": Decoder(bundle / spec["graph"], spec, longest, prefill_graph=bundle / spec["prefill_graph"]),
+             "decoder": Decoder(bundle / spec["graph"], spec, longest)}
+    out = {}
+    for name, dec in paths.items():
+        parts = {}
+        for seq, ref_h in scored:
+            dec.rewind(0)
+            logits = [dec.forward(seq.got[:seq.first + 1])]
+            logits += [dec.forward(seq.got[j:j + 1]) for j in range(seq.first + 1, len(seq.got) - 1)]
+            ref = (ref_h[seq.first:len(seq.got) - 1] @ head.T).numpy()
+            parts.setdefault(seq.group, []).append(_positions(ref, np.stack(logits), seq.targets))
+        out[name] = {group: _summary(p) for group, p in parts.items()}
+    return out
+
+
+def twin_verdict(fig: dict) -> dict:
+    """The twin passes when, on every group, its mean KL to PyTorch is within TWIN_KL_MARGIN of the 4-bit
+    decoder's own (int8 weights round 16x finer than int4: the twin should cost next to nothing)."""
+    ok = all(fig["twin"][g]["mean_kl"] <= fig["decoder"][g]["mean_kl"] * (1 + TWIN_KL_MARGIN) + 0.01
+             for g in fig["decoder"])
+    measured = "; ".join(f"{g}: KL {fig['twin'][g]['mean_kl']:.4f} against {fig['decoder'][g]['mean_kl']:.4f}, top-1 "
+                         f"{fig['twin'][g]['top1_agreement']:.3f} against {fig['decoder'][g]['top1_agreement']:.3f}"
+                         for g in fig["decoder"])
+    return {**fig, "threshold": f"mean KL to PyTorch <= {1 + TWIN_KL_MARGIN}x the 4-bit decoder's own + 0.01 nats",
+            "measured": measured, "passed": bool(ok)}
 
 
 def _positions(ref: np.ndarray, got: np.ndarray, targets: np.ndarray) -> dict:

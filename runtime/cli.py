@@ -88,6 +88,8 @@ def plan_parser(sub) -> None:
     g.add_argument("--block-size", type=int, choices=[32, 64, 128], help="4-bit block size (default 32)")
     g.add_argument("--embeddings", choices=list(EMBED_WIDTH), help="embedding table dtype (default float16)")
     g.add_argument("--kv-cache", choices=["float32", "int8"], help="KV-cache precision (default float32)")
+    g.add_argument("--prefill", choices=["auto", "int8", "none"],
+                   help="the int8 prefill twin (default auto: written when its weights stay under 1.5 GB)")
 
 
 def _grid(value: str) -> tuple:
@@ -373,7 +375,7 @@ def _plan_manifest(a) -> dict:
 
     export_options = {"frames": a.frames, "slow_frames": a.slow_frames, "slow_pool": a.slow_pool,
                       "fast_grid": a.fast_grid, "block_size": a.block_size, "embeddings": a.embeddings,
-                      "kv_cache": a.kv_cache}
+                      "kv_cache": a.kv_cache, "prefill": a.prefill}
     folder, record = hub.resolve(a.bundle, a.revision, file="config.json")
     if (folder / manifest_io.MANIFEST).is_file():
         fixed = [f"--{k.replace('_', '-')}" for k, v in export_options.items() if v is not None and k != "frames"]

@@ -74,16 +74,16 @@ def read_config(folder: Path) -> dict:
 
 def manifest_from_config(config: dict, *, frames: int = 50, slow_frames: int = 10, slow_pool: str = "max1d",
                          fast_grid: tuple = (4, 4), block_size: int = 32, embeddings: str = "float16",
-                         kv_cache: str = "float32", tokenizer_bytes: int | None = None,
+                         kv_cache: str = "float32", prefill: str = "auto", tokenizer_bytes: int | None = None,
                          where: str = "config.json") -> dict:
     """The manifest sf-export would write for this config with these options (sf-export's defaults), its artifacts'
     sizes predicted. `tokenizer_bytes`: tokenizer.json's size if known; `where` names the config in errors."""
     if frames < 1 or slow_frames < 1 or min(fast_grid) < 1:
         raise BadInput("--frames, --slow-frames and --fast-grid must be positive")
     if slow_pool not in SLOW_POOLS or block_size not in (32, 64, 128) or embeddings not in EMBED_WIDTH \
-            or kv_cache not in ("float32", "int8"):
+            or kv_cache not in ("float32", "int8") or prefill not in ("auto", "int8", "none"):
         raise BadInput(f"--slow-pool {'|'.join(SLOW_POOLS)}, --block-size 32|64|128, --embeddings "
-                       f"{'|'.join(EMBED_WIDTH)}, --kv-cache float32|int8")
+                       f"{'|'.join(EMBED_WIDTH)}, --kv-cache float32|int8, --prefill auto|int8|none")
     arch = next((a for a in config.get("architectures") or [] if a in SUPPORTED), None)
     if arch is None:
         raise BadCheckpoint(f"{where}: architecture {', '.join(config.get('architectures') or ['none'])} is not "
@@ -94,7 +94,7 @@ def manifest_from_config(config: dict, *, frames: int = 50, slow_frames: int = 1
     strategy = config.get("vision_feature_select_strategy", strategy)
     vision = _vision(tower, layer, strategy, text["hidden_size"], config.get("multimodal_projector_bias", True),
                      where)
-    llm, llm_files = _llm(text, block_size, embeddings, kv_cache)
+    llm, llm_files = _llm(text, block_size, embeddings, kv_cache, prefill)
     vocab = text["vocab_size"]
     artifacts = {**{rel: {"size": size} for rel, size in llm_files.items()},
                  **{rel: {"size": size} for rel, size in vision.pop("_sizes").items()},
@@ -175,7 +175,29 @@ def int4_bytes(k: int, n: int, block_size: int) -> int:
     return n * -(-k // block_size) * (block_size // 2 + 4)
 
 
-def _llm(text: dict, block_size: int, embeddings: str, kv_cache: str) -> tuple[dict, dict]:
+# An int8 prefill twin is a second copy of the decoder's weights at 8 bits, on disk and in memory. sf-export writes
+# it by default up to 1.5 GB of such weights (a 1.5B model); a 7B's would add 6.5 GB to a 4.1 GB bundle, so there it
+# is asked for (--prefill int8).
+TWIN_MAX_BYTES = 1_500_000_000
+
+
+def int8_twin_bytes(llm: dict) -> int:
+    """The int8 prefill twin's data file (its lm_head is the decoder's): every decoder layer's MatMul weights at a
+    byte each, and per output channel an fp32 scale and an int8 zero point. `llm`: the manifest's llm section or
+    the export's dims (the same names)."""
+    h, inter = llm["hidden_size"], llm["intermediate_size"]
+    q, kv = llm["num_heads"] * llm["head_dim"], llm["num_kv_heads"] * llm["head_dim"]
+    weights = h * (q + 2 * kv) + q * h + 3 * h * inter
+    channels = (q + 2 * kv) + h + 2 * inter + h
+    return llm["num_layers"] * (weights + 5 * channels)
+
+
+def wants_int8_twin(prefill: str, llm: dict) -> bool:
+    """sf-export's --prefill: int8, none, or auto (int8 when the twin stays under TWIN_MAX_BYTES)."""
+    return prefill == "int8" or (prefill == "auto" and int8_twin_bytes(llm) <= TWIN_MAX_BYTES)
+
+
+def _llm(text: dict, block_size: int, embeddings: str, kv_cache: str, prefill: str) -> tuple[dict, dict]:
     """The manifest's llm section and its files' sizes."""
     h, inter, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
     heads, kv, hd, vocab = (text["num_attention_heads"], text["num_key_value_heads"], text["head_dim"],
@@ -201,4 +223,8 @@ def _llm(text: dict, block_size: int, embeddings: str, kv_cache: str) -> tuple[d
            "quantization": {"method": "MatMulNBits", "bits": 4, "block_size": block_size, "symmetric": True}}
     if kv_cache == "int8":
         llm["prefill_graph"] = "llm/prefill.onnx"  # the fp32-KV twin on the same weights file
+    if wants_int8_twin(prefill, llm):
+        llm.update(prefill_graph="llm/prefill.onnx", prefill_weights="int8",
+                   prefill_external_data=["llm/prefill.onnx.data"])
+        files.update({"llm/prefill.onnx": LLM_GRAPH_PER_LAYER * layers, "llm/prefill.onnx.data": int8_twin_bytes(llm)})
     return llm, files

@@ -8,6 +8,8 @@ free: the valid length is just an integer, so `rewind(n)` forgets everything aft
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnxruntime as ort
 
@@ -18,23 +20,48 @@ from .sessions import open_session
 class Decoder:
     def __init__(self, graph_path, spec: dict, max_len: int, providers=None, threads: int | None = None,
                  prefill_graph=None):
-        """`prefill_graph`: with an int8-KV `graph_path`, its fp32-KV twin (same weights). Prompts then go through
-        the twin, whose attention prefills ~2x faster here, and decoding at long context through the int8 cache,
-        which reads 4x fewer KV bytes per token; each cache is brought up to date from the other when its turn
-        comes."""
+        """`prefill_graph`: the decoder's fp32-KV twin, through which prompts (more than one token) prefill. With
+        int8 weights (llm.prefill_weights) its GEMMs run ~2x faster at prompt sizes than the 4-bit kernel, and
+        with an fp32-cache decoder both bind the same cache buffers. With an int8-cache decoder the twin's
+        attention prefills ~2x faster, decoding at long context goes through the int8 cache, which reads 4x fewer
+        KV bytes per token, and each cache is brought up to date from the other when its turn comes."""
         if max_len > spec["max_context"]:
             raise BadInput(f"context of {max_len} tokens exceeds the model's maximum of {spec['max_context']}")
         self.spec = spec
         self.max_len = max_len
         self.length = 0
         self.main = _Bound(graph_path, spec, max_len, providers, threads)
-        self.twin = _Bound(prefill_graph, spec, max_len, providers, threads) if prefill_graph else None
-        if self.twin and not (self.main.dtype == np.int8 and self.twin.dtype == np.float32):
-            raise GraphFailed(f"{prefill_graph}: a prefill twin needs an int8-KV decoder and an fp32-KV twin")
-        if self.twin and self.main.arrays is None:
-            raise GraphFailed(f"{prefill_graph}: the prefill twin swaps caches through host memory (CPU only)")
-        if self.twin:  # a session's first run is slow (allocations, threads): pay the int8 one's now, not mid-answer
+        self.twin = None
+        if prefill_graph:
+            shared = self.main.kv if self.main.dtype == np.float32 else None
+            self.twin = _Bound(prefill_graph, spec, max_len, providers, threads, shared)
+            if self.twin.dtype != np.float32:
+                raise GraphFailed(f"{prefill_graph}: a prefill twin needs an fp32 KV cache")
+            if self.main.arrays is None:
+                raise GraphFailed(f"{prefill_graph}: the prefill twin shares caches through host memory (CPU only)")
+            # A session's first run is slow (allocations, threads): pay the decoder's now, not mid-answer.
             self.main.run(np.zeros((1, 1, spec["hidden_size"]), np.float32), 0)
+        self.shared_cache = self.twin is not None and self.twin.kv is self.main.kv
+
+    def prefill_seconds(self, tokens: int = 128) -> dict:
+        """Seconds to prefill `tokens` positions through the twin and through the decoder itself (the better of
+        two runs each, alternated), leaving an empty cache: whether the twin is faster on this CPU."""
+        part = np.random.default_rng(0).standard_normal((1, tokens, self.spec["hidden_size"]), np.float32) * 0.02
+        best = {"twin_s": float("inf"), "decoder_s": float("inf")}
+        self.twin.run(part, 0)  # its first run allocates
+        for _ in range(2):
+            for name, bound in (("twin_s", self.twin), ("decoder_s", self.main)):
+                t0 = time.perf_counter()
+                bound.run(part, 0)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        self.rewind(0)
+        return best
+
+    def drop_twin(self) -> None:
+        """Prefill through the decoder itself from now on (the twin's cache is the decoder's: nothing to sync)."""
+        if not self.shared_cache:
+            raise ValueError("only a twin sharing the decoder's cache can be dropped")
+        self.twin, self.shared_cache = None, False
 
     def rewind(self, length: int) -> None:
         if not 0 <= length <= self.length:
@@ -51,9 +78,9 @@ class Decoder:
                            f"{self.max_len} (model maximum {self.spec['max_context']}): use fewer frames or a "
                            f"shorter question")
         use = self.main
-        if self.twin and (n > 1 or self.length < TWIN_DECODE_BELOW):
+        if self.twin and (n > 1 or (not self.shared_cache and self.length < TWIN_DECODE_BELOW)):
             use = self.twin
-        if self.twin:
+        if self.twin and not self.shared_cache:
             self._sync(use, self.main if use is self.twin else self.twin)
         for start in range(0, n, chunk):
             part = np.ascontiguousarray(embeds[start:start + chunk], dtype=np.float32)[None]
@@ -63,7 +90,9 @@ class Decoder:
                 raise GraphFailed(f"{use.path}: ONNX Runtime failed at position {self.length}: {e}") from e
             self.length += part.shape[1]
             use.valid = self.length
-        if use is self.twin and self.length >= TWIN_DECODE_BELOW:  # the next step decodes on int8: part of the prompt
+        if self.shared_cache:
+            self.main.valid = self.twin.valid = self.length
+        elif use is self.twin and self.length >= TWIN_DECODE_BELOW:  # the next step decodes on int8: prompt time
             self._sync(self.main, self.twin)
         # .numpy() is a view of a buffer the next run overwrites.
         return use.logits.numpy()[0, -1].copy()
@@ -96,7 +125,8 @@ class _Bound:
     """One decoder session with its KV buffers bound as both past input and present output, and how many
     positions of them are up to date."""
 
-    def __init__(self, path, spec: dict, max_len: int, providers, threads):
+    def __init__(self, path, spec: dict, max_len: int, providers, threads, kv=None):
+        """`kv`: another _Bound's cache buffers to bind (the same positions, written by either session)."""
         self.session = open_session(path, providers, threads)
         self.path = path
         self.valid = 0
@@ -106,8 +136,8 @@ class _Bound:
         # On a GPU the cache lives in device memory: bound from host memory, every step would copy all of it.
         device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         # Kept here: the host views below do not own the buffers.
-        self._kv = kv = [tuple(ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, 0) for _ in "kv")
-                         for _ in range(spec["num_layers"])]
+        self.kv = kv = kv or [tuple(ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, 0)
+                                    for _ in "kv") for _ in range(spec["num_layers"])]
         # Host views of the buffers, so that a twin's cache can be written in place.
         self.arrays = [(k.numpy(), v.numpy()) for k, v in kv] if device == "cpu" else None
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, spec["vocab_size"]], np.float32)

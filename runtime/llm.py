@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Generator
 
 import numpy as np
+import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from . import cpu, tuning
 from .decoder import Decoder
 from .embeddings import Embeddings
 from .errors import BadBundle, BadInput
@@ -24,17 +26,37 @@ class LanguageModel:
     def __init__(self, root: Path, manifest: dict, max_len: int, providers=None, threads=None,
                  decoder_factory=None, prefill_twin: bool = True):
         """`decoder_factory(root, spec, max_len, manifest)` swaps the ONNX decoder for another with the same
-        interface (the PyTorch hosts' nf4 backend: sfedge.export.nf4.NF4Decoder). `prefill_twin`: use an int8-KV
-        bundle's fp32 prefill graph (the planner drops it when the memory budget has no room)."""
+        interface (the PyTorch hosts' nf4 backend: sfedge.export.nf4.NF4Decoder). `prefill_twin`: use the bundle's
+        prefill twin, if it has one (the planner drops it when the memory budget has no room)."""
         spec = manifest["llm"]
         try:
             self.tokenizer = Tokenizer.from_file(str(root / manifest["tokenizer"]))
         except Exception as e:  # tokenizers raises a bare Exception
             raise BadBundle(f"{root / manifest['tokenizer']}: cannot read the tokenizer ({e})") from None
         self.embed = Embeddings(root, spec["embeddings"])
-        twin = spec.get("prefill_graph") if prefill_twin else None
+        twin = spec.get("prefill_graph") if prefill_twin and not decoder_factory else None
+        # An int8-weight twin is faster than the 4-bit decoder where ONNX Runtime's int8 GEMM is (measured ~2x on
+        # AMD EPYC); whether it is on this CPU is measured once per CPU kind and kept (tuning.py).
+        probe = twin and spec.get("prefill_weights") == "int8" and spec["kv_dtype"] == "float32"
+        key = probe and (f"{cpu.describe()}; onnxruntime {ort.__version__}; {threads or 'all'} threads; "
+                         f"{spec['num_layers']}x{spec['hidden_size']}x{spec['intermediate_size']}")
+        known = tuning.lookup("int8_prefill", key) if probe else None
+        if known and not known.get("use_twin", True):
+            twin = None
         self.decoder = (decoder_factory(root, spec, max_len, manifest) if decoder_factory
                         else Decoder(root / spec["graph"], spec, max_len, providers, threads, twin and root / twin))
+        if probe and not known:
+            known = {**self.decoder.prefill_seconds(), "use_twin": True}
+            known["use_twin"] = known["twin_s"] < known["decoder_s"]
+            tuning.store("int8_prefill", key, known)
+            if not known["use_twin"]:
+                self.decoder.drop_twin()
+        # How prompts prefill, for sf-run's notes.
+        self.prefill_note = probe and (f"prompts prefill through the int8 twin ({known['twin_s'] * 1e3:.0f} ms "
+                                       f"against {known['decoder_s'] * 1e3:.0f} ms per 128 tokens on this CPU)"
+                                       if known["use_twin"] else
+                                       f"prompts prefill through the 4-bit decoder: the int8 twin is slower on this "
+                                       f"CPU ({known['twin_s'] * 1e3:.0f} against {known['decoder_s'] * 1e3:.0f} ms)")
         self.eos = frozenset(manifest["prompt"]["eos_token_ids"])
         self.stop_strings = manifest["prompt"]["stop_strings"]
         # Whose visual prefix the KV cache holds: (video key, cache length after it). Kept with the cache, so every

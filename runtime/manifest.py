@@ -45,8 +45,10 @@ SCHEMA = {
         "graph": str, "external_data": Maybe(list), "precision": str, "num_layers": int, "num_heads": int,
         "num_kv_heads": int, "head_dim": int, "hidden_size": int, "intermediate_size": int, "vocab_size": int,
         "max_context": int, "embeddings": {"dtype": str, "files": dict}, "kv_dtype": str,
-        # an int8-KV bundle's fp32-KV twin for prompts, and the per-layer scales that move caches between them
+        # the decoder's prefill twin, with an fp32 cache, for prompts: an int8-KV bundle's (with the per-layer
+        # scales that move caches between them), and with int8 weights (`prefill_weights`, in their own file)
         "prefill_graph": Maybe(str), "kv_scales": Maybe({"k_scales": list, "v_scales": list}),
+        "prefill_weights": Maybe(str), "prefill_external_data": Maybe(list),
     },
     "tokenizer": str,
     "prompt": {"prefix": str, "suffix": str, "add_special_tokens": bool, "eos_token_ids": list,
@@ -114,8 +116,13 @@ def _check_fields(obj: dict, schema: dict, where: Path, prefix: str) -> None:
     if prefix == "llm.":
         if obj["kv_dtype"] not in KV_DTYPES:
             raise BadBundle(f"{where}: field 'llm.kv_dtype' must be one of {', '.join(KV_DTYPES)}")
-        if "prefill_graph" in obj and "kv_scales" not in obj:
+        if obj["kv_dtype"] == "int8" and "prefill_graph" in obj and "kv_scales" not in obj:
             raise BadBundle(f"{where}: 'llm.prefill_graph' needs 'llm.kv_scales' (the int8 cache's scales)")
+        twin_weights = obj.get("prefill_weights")
+        if twin_weights not in (None, "int8") or (twin_weights and "prefill_graph" not in obj):
+            raise BadBundle(f"{where}: 'llm.prefill_weights' must be 'int8', beside a 'llm.prefill_graph'")
+        if "prefill_graph" in obj and obj["kv_dtype"] != "int8" and not twin_weights:
+            raise BadBundle(f"{where}: 'llm.prefill_graph' of an fp32-cache decoder needs 'llm.prefill_weights'")
 
 
 def _check_optional(obj: dict, where: Path) -> None:
@@ -204,6 +211,7 @@ def referenced_paths(manifest: dict) -> list[str]:
     nf4 = manifest.get("llm_nf4", {})
     parts = {"vision.graphs": manifest["vision"]["graphs"], "llm.embeddings.files": llm["embeddings"].get("files"),
              "llm.external_data": llm.get("external_data", []),
+             "llm.prefill_external_data": llm.get("prefill_external_data", []),
              "llm_nf4.files": nf4.get("files", []) if isinstance(nf4, dict) else None,
              "engines": [e["file"] for e in manifest.get("engines", [])]}
     paths = [manifest["aggregator"]["graph"], llm["graph"], manifest["tokenizer"]]

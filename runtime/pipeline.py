@@ -83,6 +83,8 @@ class Runtime:
         # The int8-KV twin swaps caches through host memory: CPU only.
         self.llm = LanguageModel(root, manifest, plan.context, self._providers("llm", llm_device), settings.threads,
                                  settings.decoder_factory, plan.prefill_twin and llm_device == "cpu")
+        if self.llm.prefill_note:
+            self.notes.append(self.llm.prefill_note)
         # The CLIP text tower and the prompt-guided pooling are small and shape-varied: ONNX Runtime, no engines.
         self.qa = (QuestionAware(root, manifest, plan, self._providers("clip", llm_device), settings.threads,
                                  settings.frame_selection, settings.pooling, settings.pooling_temperature,

@@ -26,7 +26,7 @@ class Plan:
     prefill_chunk: int
     vision_variant: str
     kv_precision: str = "float32"  # the bundle's KV dtype: float32, or int8 if exported with --kv-cache int8
-    prefill_twin: bool = False  # int8 KV: prompts go through the fp32-KV twin graph (a second weights copy)
+    prefill_twin: bool = False  # prompts go through the decoder's fp32-KV twin graph (a second weights copy)
     pooling: str = "slowfast"  # or "prompt-guided" (PPLLaVA)
     candidates: int = 0  # frames scored per question by CLIP frame selection; 0 = uniform sampling
     parts: dict = field(default_factory=dict)  # name -> bytes
@@ -46,7 +46,7 @@ class Plan:
         selection = f"CLIP selection among {self.candidates} candidates" if self.candidates else "uniform"
         return (f"frames {self.frames} ({selection}), {self.pooling} pooling, visual tokens {self.visual_tokens}, "
                 f"context {self.context} tokens (KV {self.kv_precision}"
-                f"{', fp32 prefill twin' if self.prefill_twin else ''}), max new tokens {self.max_new_tokens}\n"
+                f"{', prefill twin' if self.prefill_twin else ''}), max new tokens {self.max_new_tokens}\n"
                 f"vision graph {self.vision_variant}, encode chunk {self.encode_chunk} frames, "
                 f"prefill chunk {self.prefill_chunk} tokens\n{body}")
 
@@ -105,8 +105,8 @@ def fit_plan(manifest: dict, budget: int | None = None, frames: int | None = Non
         raise BadInput(f"vision variant {variant!r} is not in this bundle (it has {', '.join(v['graphs'])})")
     visual = visual_tokens(manifest, frames, pooling)
     context = _context(manifest, frames, visual, max_new_tokens, pooling)
-    # An int8-KV bundle's fp32 twin prefills faster but is a second session on the same weights with its own
-    # fp32 cache: planned first, dropped when the budget has no room for it.
+    # The prefill twin (int8 weights, or an int8-KV bundle's fp32-cache twin) prefills faster but is a second
+    # session: planned first, dropped when the budget has no room for it.
     for twin in (True, False) if "prefill_graph" in llm else (False,):
         fixed = _fixed_parts(manifest, variant, frames, visual, context, twin, pooling, candidates)
         for name, (ring_frames, queued_frames) in (rings or {}).items():
@@ -203,8 +203,14 @@ def _vision_weights(manifest: dict, variant: str) -> int:
 
 
 def _llm_weights(manifest: dict, twin: bool) -> int:
-    """The decoder session; the int8-KV bundle's fp32 prefill twin is a second session on the same weights."""
-    return int(llm_file_bytes(manifest) * SESSION_FACTOR * (2 if twin else 1))
+    """The decoder session, and the prefill twin's: a second session on the same weights (an int8-KV bundle's) or
+    on its own int8 weights (read from their file)."""
+    llm = manifest["llm"]
+    twin_bytes = 0
+    if twin:
+        twin_bytes = (_size(manifest, *llm["prefill_external_data"]) if llm.get("prefill_weights") == "int8"
+                      else llm_file_bytes(manifest))
+    return int((llm_file_bytes(manifest) + twin_bytes) * SESSION_FACTOR)
 
 
 def _rings_advice(manifest: dict, plan: Plan, rings: dict) -> str:

@@ -2,16 +2,14 @@
 bandwidth, which bounds decode speed (each generated token reads every weight of the decoder and the KV cache)."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from . import cpu
+from . import cpu, tuning
 from .errors import BadInput
 from .memory import available_memory, total_memory
 from .planner import Plan, decode_bytes_per_token, llm_file_bytes
@@ -88,23 +86,14 @@ def this_machine() -> Target:
 
 
 def cached_bandwidth(total: int) -> float:
-    """The read probe's figure, kept in ~/.cache/sfedge for this machine (CPU kind, cores and memory size: a disk
-    that moves between VMs of one size but another CPU kind must not carry the figure along)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    path = base / "sfedge" / "bandwidth.json"
+    """The read probe's figure for this machine (CPU kind, cores and memory size: a disk that moves between VMs of
+    one size but another CPU kind must not carry the figure along), measured once."""
     key = f"{cpu.describe()}, {total} bytes"
-    try:
-        known = json.loads(path.read_text())
-        if known.get("machine") == key:
-            return float(known["read_bytes_per_s"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
+    known = tuning.lookup("read_bytes_per_s", key)
+    if isinstance(known, (int, float)):
+        return float(known)
     bandwidth = read_bandwidth()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"machine": key, "read_bytes_per_s": bandwidth}))
-    except OSError:
-        pass  # a read-only home only costs probing again next time
+    tuning.store("read_bytes_per_s", key, bandwidth)
     return bandwidth
 
 

@@ -38,7 +38,8 @@ def visual_tokens(manifest: dict, frames: int, pooling: str = "slowfast") -> int
 
 def kv_bytes_per_token(llm: dict, resident: bool = False) -> int:
     """Key + value for every layer (the manifest's "llm" section): what one more token of context adds to a decode
-    step's reads or, `resident`, to memory (an int8 cache with its fp32 prefill twin holds both)."""
+    step's reads or, `resident`, to memory (an int8 cache with its fp32 prefill twin holds both; an fp32 one
+    shares its buffers with the twin)."""
     elements = 2 * llm["num_layers"] * llm["num_kv_heads"] * llm["head_dim"]
-    twin = KV_WIDTH["float32"] if resident and "prefill_graph" in llm else 0
+    twin = KV_WIDTH["float32"] if resident and "prefill_graph" in llm and llm["kv_dtype"] == "int8" else 0
     return elements * (KV_WIDTH[llm["kv_dtype"]] + twin)

@@ -85,6 +85,17 @@ def test_missing_field(bundle):
         manifest.load(bundle)
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda llm: llm.update(prefill_weights="int8"), "'llm.prefill_weights' must be 'int8', beside a 'llm.prefill_gr"),
+    (lambda llm: llm.update(prefill_graph="llm/model.onnx"), "of an fp32-cache decoder needs 'llm.prefill_weights'"),
+    (lambda llm: llm.update(prefill_graph="llm/model.onnx", prefill_weights="int4"), "must be 'int8'"),
+])
+def test_prefill_twin_fields_hang_together(bundle, change, message):
+    edit(bundle, lambda m: change(m["llm"]))
+    with pytest.raises(BadBundle, match=message):
+        manifest.load(bundle)
+
+
 @pytest.mark.parametrize("evil", ["/etc/passwd", "../outside.onnx", "a/../../x", "..\\x"])
 def test_paths_leaving_the_bundle_are_refused(bundle, evil):
     edit(bundle, lambda m: m["aggregator"].update(graph=evil))
