@@ -166,7 +166,7 @@ def build_engines(bundle, fp16: bool = False, int8: bool = False, calibration_vi
     """Build, write and record the engines; returns their manifest entries."""
     root = Path(bundle)
     m = manifest_io.load(root)
-    plan = make_plan(m, parse_size(memory_budget) if memory_budget else None)
+    plan = make_plan(m, parse_size(memory_budget) if memory_budget else None, device="tensorrt")
     if max_frames is not None and max_frames < 1:
         raise BadInput("--max-frames must be at least 1")
     if int8 and not calibration_videos:

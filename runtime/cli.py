@@ -356,6 +356,7 @@ def _plan(a) -> int:
         print(make_plan(m, budget, a.frames, **settings).table())
         return 0
     target = targets.get(a.target)
+    settings["device"] = target.device
     plan = fit_plan(m, budget or target.usable, a.frames, **settings)
     least = least_plan(m, a.frames, **settings).total
     fits = least <= plan.budget

@@ -59,12 +59,12 @@ class Settings:
 
 def plan_for(manifest: dict, s: Settings) -> Plan:
     """The memory plan a runtime with these settings runs under (refused with the reason when it does not fit)."""
-    variant = s.vision_variant
-    if variant is None and resolve(s.device) != "cpu":
+    variant, device = s.vision_variant, resolve(s.device)
+    if variant is None and device != "cpu":
         # The bundle's int8 graph is quantized for the CPU kernels; TensorRT and CUDA run fp16/fp32 well.
         variant = "fp16" if "fp16" in manifest["vision"]["graphs"] else "fp32"
     return make_plan(manifest, s.budget, s.frames, s.max_new_tokens, variant, pooling=s.pooling,
-                     candidates=s.candidates if s.frame_selection == "clip" else 0)
+                     candidates=s.candidates if s.frame_selection == "clip" else 0, device=device)
 
 
 class Runtime:

@@ -34,6 +34,7 @@ class Target:
     reserved: int  # bytes the OS, firmware carve-outs and other programs keep
     bandwidth: float  # bytes/s read from the memory the model lives in
     bandwidth_source: str  # "datasheet peak" or "measured here"
+    device: str = "cuda"  # where the vision graph runs there: the GPU, or the CPU (Raspberry Pi, this machine)
 
     @property
     def usable(self) -> int:
@@ -63,7 +64,8 @@ TARGETS = {
     "rtx-4090": Target("rtx-4090", "GeForce RTX 4090 (24 GB GDDR6X)", 24 * GB, 1 * GB, 1008 * GB, "datasheet peak"),
     # https://datasheets.raspberrypi.com/rpi5/raspberry-pi-5-product-brief.pdf (LPDDR4X-4267) and
     # https://www.raspberrypi.com/news/introducing-raspberry-pi-5/ (32-bit bus): 4,267 MT/s x 4 bytes = 17.1 GB/s
-    "rpi5-8gb": Target("rpi5-8gb", "Raspberry Pi 5 8 GB", 8 * GB, 500_000_000, 17.07 * GB, "datasheet peak"),
+    "rpi5-8gb": Target("rpi5-8gb", "Raspberry Pi 5 8 GB", 8 * GB, 500_000_000, 17.07 * GB, "datasheet peak",
+                       "cpu"),
 }
 
 
@@ -82,7 +84,7 @@ def this_machine() -> Target:
     if total is None or available is None:
         raise BadInput("--target this reads /proc/meminfo, which this system lacks; pick a named target")
     return Target("this", f"this machine ({os.cpu_count()} cores)", total, total - available,
-                  cached_bandwidth(total), "measured here")
+                  cached_bandwidth(total), "measured here", "cpu")
 
 
 def cached_bandwidth(total: int) -> float:

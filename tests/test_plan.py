@@ -178,3 +178,15 @@ def test_plan_cli_errors(tiny_bundle, next_video_7b, tmp_path):
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
     bundle = cli(b, "--target", "rtx-4090")
     assert bundle.returncode == 0 and "fits: needs at least" in bundle.stdout and "tokens/s" in bundle.stdout
+
+
+def test_encode_chunks_stay_small_on_a_cpu():
+    """On a CPU small encode chunks are leaner and no slower (planner.CPU_ENCODE_CHUNK); a GPU takes large batches,
+    and a replanned runtime (a watcher's) keeps its device's rule."""
+    from sfedge.runtime.planner import CPU_ENCODE_CHUNK, replan
+
+    m = manifest_from_config(NEXT_VIDEO_7B)
+    cpu, gpu = make_plan(m, max_new_tokens=128), make_plan(m, max_new_tokens=128, device="cuda")
+    assert cpu.encode_chunk == CPU_ENCODE_CHUNK < gpu.encode_chunk == 32  # 50 frames
+    assert cpu.total < gpu.total
+    assert replan(m, cpu, frames=16).encode_chunk == CPU_ENCODE_CHUNK and replan(m, gpu, frames=16).encode_chunk == 16
