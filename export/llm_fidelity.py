@@ -105,6 +105,7 @@ def twin(bundle, spec: dict, seqs: list[Sequence], ref_final: list[torch.Tensor]
     longest = max(len(s.got) for s, _ in scored)
     paths = {"twin": Decoder(bundle / spec["graph"], spec, longest, prefill_graph=bundle / spec["prefill_graph"]),
              "decoder": Decoder(bundle / spec["graph"], spec, longest)}
+    paths["twin"].twin_from = 2  # every prompt through the twin, short ones too (the runtime sends it long ones)
     out = {}
     for name, dec in paths.items():
         parts = {}

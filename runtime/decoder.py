@@ -42,6 +42,7 @@ class Decoder:
             # A session's first run is slow (allocations, threads): pay the decoder's now, not mid-answer.
             self.main.run(np.zeros((1, 1, spec["hidden_size"]), np.float32), 0)
         self.shared_cache = self.twin is not None and self.twin.kv is self.main.kv
+        self.twin_from = TWIN_PREFILL_FROM  # the shortest prompt an int8-weight twin takes
 
     def prefill_seconds(self, tokens: int = 128) -> dict:
         """Seconds to prefill `tokens` positions through the twin and through the decoder itself (the better of
@@ -78,7 +79,7 @@ class Decoder:
                            f"{self.max_len} (model maximum {self.spec['max_context']}): use fewer frames or a "
                            f"shorter question")
         use = self.main
-        if self.twin and (n > 1 or (not self.shared_cache and self.length < TWIN_DECODE_BELOW)):
+        if self.twin and (n >= self.twin_from if self.shared_cache else n > 1 or self.length < TWIN_DECODE_BELOW):
             use = self.twin
         if self.twin and not self.shared_cache:
             self._sync(use, self.main if use is self.twin else self.twin)
@@ -119,6 +120,10 @@ class Decoder:
 # it saves. Measured on SmolLM2-135M, tok/s int8 against fp32: 178/185 at 30 tokens, 159/149 at 512, 135/116 at
 # 1,024, 80/59 at 3,710.
 TWIN_DECODE_BELOW = 256
+# An int8-weight twin takes prompts of at least this many tokens: a follow-up question (~20 tokens) is as fast on the
+# 4-bit decoder, whose kernel has no per-shape set-up (sf-bench e2e, AMD EPYC: time to first token of a follow-up
+# 0.061 s through the twin against 0.038 s without it).
+TWIN_PREFILL_FROM = 64
 
 
 class _Bound:

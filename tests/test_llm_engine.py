@@ -292,6 +292,13 @@ def test_int8_prefill_twin_shares_the_cache_and_is_chosen_per_cpu(make_checkpoin
     x = np.random.default_rng(0).normal(0, 1, (10, spec["hidden_size"])).astype(np.float32)
     twin = dec.Decoder(root / spec["graph"], spec, 16, prefill_graph=root / spec["prefill_graph"])
     plain = dec.Decoder(root / spec["graph"], spec, 16)
+    assert twin.twin_from == dec.TWIN_PREFILL_FROM > 8  # a short prompt goes through the 4-bit decoder ...
+    twin.forward(x[:8])
+    assert twin.twin.valid == twin.main.valid == 8
+    assert np.allclose(twin.forward(x[8:9]), plain.forward(x[:9]), rtol=1e-4, atol=1e-4)
+    twin.rewind(0)
+    plain.rewind(0)
+    twin.twin_from = 2  # ... which this test lowers, to check the twin on a tiny model
     for got, want in ((twin.forward(x[:8]), plain.forward(x[:8])), (twin.forward(x[8:9]), plain.forward(x[8:9]))):
         assert got @ want / np.linalg.norm(got) / np.linalg.norm(want) >= 0.95  # int8 against int4 weights
     assert twin.main.valid == twin.twin.valid == twin.length == 9
