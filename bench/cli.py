@@ -5,6 +5,8 @@ alternate within each repeat, a warm-up precedes the timed work, and the report 
 against the reference (Hugging Face transformers fp32, default sdpa attention).
 
   sf-bench llm     prefill and decode at 30 tokens and at a video-length context (3,680 + 30)
+  sf-bench kernels the language model's weight-MatMul kernels (4-bit at two accuracy levels, 8-bit, int8, fp32;
+                   threads, spinning) at a decode step and a prefill chunk: what differs between CPU kinds
   sf-bench e2e     a 50-frame question about a real video, then a follow-up, against the reference pipeline
   sf-bench vision  frames per second of the vision graph variants against PyTorch eager, with cosine
   sf-bench scale   the cost of each stage of our path as the frame count (and so the context) grows
@@ -74,8 +76,8 @@ def _main() -> int:
         raise BackendUnavailable(f"sf-bench needs {' and '.join(missing)}: pip install '.[bench]'")
     log = lambda m: print(f"[sf-bench] {m}", file=sys.stderr, flush=True)  # noqa: E731
     workloads.CACHE.mkdir(parents=True, exist_ok=True)
-    bundle, ckpt = _workload(a, log)
-    kw = {"video": a.video} if a.suite not in ("llm", "watch", "batch") and a.video else {}
+    bundle, ckpt = (None, None) if a.suite == "kernels" else _workload(a, log)  # kernels need no model
+    kw = {"video": a.video} if a.suite not in ("llm", "kernels", "watch", "batch") and a.video else {}
     if a.suite == "watch":
         kw.update(minutes=a.minutes, sources=a.sources or ())
     elif a.sources:

@@ -10,4 +10,5 @@ from sfedge.runtime.targets import cached_bandwidth
 
 def machine() -> str:
     bandwidth = cached_bandwidth(total_memory() or 0)
-    return f"{cpu.describe()}, {platform.machine()}, {bandwidth / 1e9:.1f} GB/s read, Python {platform.python_version()}"
+    python = platform.python_version()
+    return f"{cpu.describe()}, {platform.machine()}, {bandwidth / 1e9:.1f} GB/s read, Python {python}"

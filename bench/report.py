@@ -9,7 +9,7 @@ import numpy as np
 
 from .suites import SCALE_STAGES
 
-PLOTTED = {"llm": "decode_tok_s", "vision": "fps", "e2e": "first_total_s", "watch": "first_s",
+PLOTTED = {"llm": "decode_tok_s", "kernels": "gmac_s", "vision": "fps", "e2e": "first_total_s", "watch": "first_s",
            "question-aware": "per_question_s", "batch": "questions_per_min"}
 
 

@@ -87,6 +87,19 @@ def llm(bundle: Path, ckpt: Path, repeats: int, log) -> dict:
     return {"results": table, "skipped": skipped}
 
 
+def kernels(bundle: Path, ckpt: Path, repeats: int, log) -> dict:
+    """The language model's weight-MatMul kernels at a decode step and a prefill chunk, against the decoder's own:
+    the CPU-kind comparison behind the int8 prefill twin (the bundle is not used)."""
+    from .kernels import DECODER, ROWS
+
+    runs, _ = collect("kernels", [Job("kernels", "kernels", {})], repeats, log, required=True)
+    got = runs["kernels"]
+    speed = {name: summarize([x["gmacs"][name] for x in got]) for name in got[0]["gmacs"]}
+    out = {name: {"gmac_s": s, "vs_decoder": ratio(s, speed[f"{DECODER} @ {name.rsplit(' @ ', 1)[1]}"], True)}
+           for name, s in speed.items()}
+    return {"results": out, "rows": list(ROWS)}
+
+
 def e2e(bundle: Path, ckpt: Path, repeats: int, log, video: str = "demo", frames: int = 50) -> dict:
     """A question about a real video, then a follow-up, against the reference pipeline."""
     args = {"bundle": bundle, "video": video, "frames": frames}
@@ -248,5 +261,5 @@ def batch(bundle: Path, ckpt: Path, repeats: int, log, videos: int = 24) -> dict
     return {"results": out, "skipped": skipped, **figures}
 
 
-SUITES = {"llm": llm, "e2e": e2e, "vision": vision, "scale": scale, "watch": watch, "question-aware": question_aware,
-          "batch": batch}
+SUITES = {"llm": llm, "kernels": kernels, "e2e": e2e, "vision": vision, "scale": scale, "watch": watch,
+          "question-aware": question_aware, "batch": batch}

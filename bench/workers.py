@@ -54,6 +54,13 @@ def llm_ours(bundle, context: int) -> dict:
             "peak_rss": peak_rss()}
 
 
+def kernels() -> dict:
+    """GMAC/s of each weight-MatMul kernel variant (bench/kernels.py), alternated in this one process."""
+    from .kernels import measure
+
+    return {"gmacs": measure(), "peak_rss": peak_rss()}
+
+
 def llm_torch(backend: str, checkpoint, context: int) -> dict:
     """The checkpoint's language model in transformers: "transformers-fp32", or "bnb-nf4" (bitsandbytes)."""
     import torch
@@ -422,6 +429,6 @@ def batch_ray_joined(bundle, jobs: str, workers: int) -> dict:
     return _rate(summary.answered, seconds, mem.peak, errors=summary.errors)
 
 
-WORKERS = {f.__name__: f for f in (llm_ours, llm_torch, llm_llamacpp, e2e_ours, e2e_reference, scale, vision_ours,
-                                   vision_pytorch, question_aware, watch_ours, watch_from_scratch, watch_rtsp,
-                                   batch_naive, batch_cli, batch_ray_joined)}
+WORKERS = {f.__name__: f for f in (llm_ours, llm_torch, llm_llamacpp, kernels, e2e_ours, e2e_reference, scale,
+                                   vision_ours, vision_pytorch, question_aware, watch_ours, watch_from_scratch,
+                                   watch_rtsp, batch_naive, batch_cli, batch_ray_joined)}

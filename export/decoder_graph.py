@@ -284,7 +284,6 @@ class DecoderGraph(MatMuls):
             nodes, inits = self._int8_weights(nodes, inits)
         onnx.save(as_model(helper.make_graph(nodes, "decoder", inputs, outputs, initializer=inits)), path)
 
-
     def _int8_weights(self, nodes: list, inits: list) -> tuple[list, list]:
         """The twin's nodes: each weight MatMul swapped for its int8 one, and what only those MatMuls read (an
         affine scheme's block sums and offsets) dropped."""

@@ -20,11 +20,12 @@ from .sessions import open_session
 class Decoder:
     def __init__(self, graph_path, spec: dict, max_len: int, providers=None, threads: int | None = None,
                  prefill_graph=None):
-        """`prefill_graph`: the decoder's fp32-KV twin, through which prompts (more than one token) prefill. With
-        int8 weights (llm.prefill_weights) its GEMMs run ~2x faster at prompt sizes than the 4-bit kernel, and
-        with an fp32-cache decoder both bind the same cache buffers. With an int8-cache decoder the twin's
-        attention prefills ~2x faster, decoding at long context goes through the int8 cache, which reads 4x fewer
-        KV bytes per token, and each cache is brought up to date from the other when its turn comes."""
+        """`prefill_graph`: the decoder's fp32-KV twin, through which prompts prefill. With int8 weights
+        (llm.prefill_weights) its GEMMs run ~2x faster at prompt sizes than the 4-bit kernel; with an fp32-cache
+        decoder both bind the same cache buffers and it takes prompts of `twin_from` tokens or more. With an
+        int8-cache decoder it takes every prompt of more than one token (its fp32 attention prefills ~2x faster),
+        decoding at long context goes through the int8 cache, which reads 4x fewer KV bytes per token, and each
+        cache is brought up to date from the other when its turn comes."""
         if max_len > spec["max_context"]:
             raise BadInput(f"context of {max_len} tokens exceeds the model's maximum of {spec['max_context']}")
         self.spec = spec
@@ -47,6 +48,7 @@ class Decoder:
     def prefill_seconds(self, tokens: int = 128) -> dict:
         """Seconds to prefill `tokens` positions through the twin and through the decoder itself (the better of
         two runs each, alternated), leaving an empty cache: whether the twin is faster on this CPU."""
+        tokens = min(tokens, self.max_len)
         part = np.random.default_rng(0).standard_normal((1, tokens, self.spec["hidden_size"]), np.float32) * 0.02
         best = {"twin_s": float("inf"), "decoder_s": float("inf")}
         self.twin.run(part, 0)  # its first run allocates

@@ -35,28 +35,23 @@ class LanguageModel:
             raise BadBundle(f"{root / manifest['tokenizer']}: cannot read the tokenizer ({e})") from None
         self.embed = Embeddings(root, spec["embeddings"])
         twin = spec.get("prefill_graph") if prefill_twin and not decoder_factory else None
-        # An int8-weight twin is faster than the 4-bit decoder where ONNX Runtime's int8 GEMM is (measured ~2x on
-        # AMD EPYC); whether it is on this CPU is measured once per CPU kind and kept (tuning.py).
-        probe = twin and spec.get("prefill_weights") == "int8" and spec["kv_dtype"] == "float32"
-        key = probe and (f"{cpu.describe()}; onnxruntime {ort.__version__}; {threads or 'all'} threads; "
-                         f"{spec['num_layers']}x{spec['hidden_size']}x{spec['intermediate_size']}")
+        # An int8-weight twin is faster than the 4-bit decoder where ONNX Runtime's int8 GEMM is (measured ~3x per
+        # 128 tokens on AMD EPYC); whether it is on this CPU is measured once per CPU kind and kept (tuning.py).
+        probe = bool(twin) and spec.get("prefill_weights") == "int8" and spec["kv_dtype"] == "float32"
+        key = (f"{cpu.describe()}; onnxruntime {ort.__version__}; {threads or 'all'} threads; "
+               f"{spec['num_layers']}x{spec['hidden_size']}x{spec['intermediate_size']}")
         known = tuning.lookup("int8_prefill", key) if probe else None
-        if known and not known.get("use_twin", True):
+        if known and not known.get("use_twin"):
             twin = None
         self.decoder = (decoder_factory(root, spec, max_len, manifest) if decoder_factory
                         else Decoder(root / spec["graph"], spec, max_len, providers, threads, twin and root / twin))
         if probe and not known:
-            known = {**self.decoder.prefill_seconds(), "use_twin": True}
-            known["use_twin"] = known["twin_s"] < known["decoder_s"]
+            seconds = self.decoder.prefill_seconds()
+            known = {**seconds, "use_twin": seconds["twin_s"] < seconds["decoder_s"]}
             tuning.store("int8_prefill", key, known)
             if not known["use_twin"]:
                 self.decoder.drop_twin()
-        # How prompts prefill, for sf-run's notes.
-        self.prefill_note = probe and (f"prompts prefill through the int8 twin ({known['twin_s'] * 1e3:.0f} ms "
-                                       f"against {known['decoder_s'] * 1e3:.0f} ms per 128 tokens on this CPU)"
-                                       if known["use_twin"] else
-                                       f"prompts prefill through the 4-bit decoder: the int8 twin is slower on this "
-                                       f"CPU ({known['twin_s'] * 1e3:.0f} against {known['decoder_s'] * 1e3:.0f} ms)")
+        self.prefill_note = _prefill_note(known) if probe else None  # for sf-run's notes
         self.eos = frozenset(manifest["prompt"]["eos_token_ids"])
         self.stop_strings = manifest["prompt"]["stop_strings"]
         # Whose visual prefix the KV cache holds: (video key, cache length after it). Kept with the cache, so every
@@ -152,3 +147,11 @@ class TextStream:
         piece = upto[self.sent:]
         self.sent = max(self.sent, len(upto))
         return piece
+
+
+def _prefill_note(known: dict) -> str:
+    twin, decoder = known["twin_s"] * 1e3, known["decoder_s"] * 1e3
+    if known["use_twin"]:
+        return f"prompts prefill through the int8 twin ({twin:.0f} ms against {decoder:.0f} ms per probe on this CPU)"
+    return f"prompts prefill through the 4-bit decoder: the int8 twin is slower on this CPU ({twin:.0f} against " \
+           f"{decoder:.0f} ms per probe)"

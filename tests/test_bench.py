@@ -124,6 +124,21 @@ def test_e2e_summary_and_ratios(monkeypatch, tmp_path):
     assert out["memory_ratio"] == 0.5
 
 
+def test_kernels_measure_every_variant_and_compare_with_the_decoders(monkeypatch, tmp_path):
+    """The real kernels, once (the CPU-kind comparison behind the int8 prefill twin), then the suite's ratios."""
+    from sfedge.bench import kernels
+
+    got = kernels.measure(rounds=1)
+    assert set(got) == {f"{v} @ {m} rows" for v in kernels.VARIANTS for m in kernels.ROWS}
+    assert all(g > 0 for g in got.values())
+    monkeypatch.setattr(spawn, "run", _stand_in({"kernels": {"gmacs": got, "peak_rss": 1e8}}, []))
+    out = suites.kernels(None, None, 2, lambda m: None)["results"]
+    for name, row in out.items():
+        rows = name.rsplit(" @ ", 1)[1]
+        assert row["vs_decoder"] == pytest.approx(got[name] / got[f"{kernels.DECODER} @ {rows}"])
+    assert report.plot({"suite": "kernels", "data": {"results": out}}, tmp_path).read_bytes().startswith(PNG)
+
+
 def test_scale_reports_only_what_fits(monkeypatch, tmp_path):
     def run(worker, args):
         if args["frames"] > 50:
