@@ -64,6 +64,13 @@ def session(op: str, bits: int, level: int, threads: int | None, spinning: bool)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
+# Each session keeps its own pool of threads, which spin a while after a run: timed right after another session,
+# a kernel shares the cores with its spinning threads (measured on AMD EPYC at 512 rows: the 4-bit kernel 73 GMAC/s
+# right after another session, 104 after a pause of 50 ms; int8 131 against 252-327). A pause before each run keeps
+# every figure the kernel's own.
+PAUSE_S = 0.1
+
+
 def measure(rounds: int = 5) -> dict:
     """{"<variant> @ <rows> rows": GMAC/s, the median of `rounds` in which the variants alternate}."""
     sessions = {name: session(*spec) for name, spec in VARIANTS.items()}
@@ -76,6 +83,7 @@ def measure(rounds: int = 5) -> dict:
             s.run(None, {"x": x})  # first run at this shape
         for _ in range(rounds):
             for name, s in sessions.items():
+                time.sleep(PAUSE_S)
                 t0 = time.perf_counter()
                 for _ in range(calls):
                     s.run(None, {"x": x})

@@ -11,7 +11,7 @@ The graph is ONNX Runtime's GroupQueryAttention decoder with `inputs_embeds` in 
 With an int8 KV cache each attention takes its layer's calibrated k/v scales. The prefill twin, prefill.onnx, is the
 same graph with an fp32 cache (without the scales) and, with `int8_twin`, every weight MatMul but lm_head as an
 int8-per-channel DynamicQuantizeMatMul (its weights in prefill.onnx.data): at prompt sizes ONNX Runtime's int8 GEMM
-runs about twice as fast as MatMulNBits. The runtime prefills through it (runtime/decoder.py).
+runs about three times as fast as MatMulNBits (sf-bench kernels). The runtime prefills through it (runtime/decoder.py).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ class Decoder:
     def __init__(self, graph_path, spec: dict, max_len: int, providers=None, threads: int | None = None,
                  prefill_graph=None):
         """`prefill_graph`: the decoder's fp32-KV twin, through which prompts prefill. With int8 weights
-        (llm.prefill_weights) its GEMMs run ~2x faster at prompt sizes than the 4-bit kernel; with an fp32-cache
+        (llm.prefill_weights) its GEMMs run ~3x faster at prompt sizes than the 4-bit kernel; with an fp32-cache
         decoder both bind the same cache buffers and it takes prompts of `twin_from` tokens or more. With an
         int8-cache decoder it takes every prompt of more than one token (its fp32 attention prefills ~2x faster),
         decoding at long context goes through the int8 cache, which reads 4x fewer KV bytes per token, and each
@@ -54,6 +54,7 @@ class Decoder:
         self.twin.run(part, 0)  # its first run allocates
         for _ in range(2):
             for name, bound in (("twin_s", self.twin), ("decoder_s", self.main)):
+                time.sleep(0.1)  # the other session's threads spin a while after its run: let them stop
                 t0 = time.perf_counter()
                 bound.run(part, 0)
                 best[name] = min(best[name], time.perf_counter() - t0)

@@ -35,8 +35,9 @@ class LanguageModel:
             raise BadBundle(f"{root / manifest['tokenizer']}: cannot read the tokenizer ({e})") from None
         self.embed = Embeddings(root, spec["embeddings"])
         twin = spec.get("prefill_graph") if prefill_twin and not decoder_factory else None
-        # An int8-weight twin is faster than the 4-bit decoder where ONNX Runtime's int8 GEMM is (measured ~3x per
-        # 128 tokens on AMD EPYC); whether it is on this CPU is measured once per CPU kind and kept (tuning.py).
+        # An int8-weight twin is faster than the 4-bit decoder where ONNX Runtime's int8 GEMM is (on AMD EPYC its
+        # GEMMs ~3x, 128 tokens of prefill 1.6x); whether it is on this CPU is measured once per CPU kind and kept
+        # (tuning.py).
         probe = bool(twin) and spec.get("prefill_weights") == "int8" and spec["kv_dtype"] == "float32"
         key = (f"{cpu.describe()}; onnxruntime {ort.__version__}; {threads or 'all'} threads; "
                f"{spec['num_layers']}x{spec['hidden_size']}x{spec['intermediate_size']}")
