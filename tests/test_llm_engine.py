@@ -256,7 +256,7 @@ def test_int8_prefill_twin_shares_the_cache_and_is_chosen_per_cpu(make_checkpoin
 
     import onnx
     from conftest import export_tiny
-    from sfedge.runtime import Runtime
+    from sfedge.runtime import Runtime, cpu
     from sfedge.runtime import decoder as dec
     from sfedge.runtime.planner import SESSION_FACTOR, make_plan
 
@@ -286,7 +286,8 @@ def test_int8_prefill_twin_shares_the_cache_and_is_chosen_per_cpu(make_checkpoin
     d = rt.llm.decoder
     cached = json.loads((tmp_path / "cache" / "sfedge" / "machine.json").read_text())["int8_prefill"]
     (key, probe), = cached.items()
-    assert key.startswith(rt.llm.prefill_note and key.split(";")[0]) and probe["twin_s"] > 0 < probe["decoder_s"]
+    assert key.startswith(f"{cpu.describe()}; onnxruntime ") and probe["twin_s"] > 0 < probe["decoder_s"]
+    assert rt.llm.prefill_note in rt.notes
     if probe["use_twin"]:
         assert d.shared_cache and d.twin.kv is d.main.kv and "through the int8 twin" in " ".join(rt.notes)
     x = np.random.default_rng(0).normal(0, 1, (10, spec["hidden_size"])).astype(np.float32)
