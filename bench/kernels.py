@@ -32,7 +32,7 @@ def _weights(op: str, bits: int, level: int, k: int, n: int, i: int, rng) -> tup
     if op == "int8":
         return [numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), f"w{i}"),
                 numpy_helper.from_array(rng.random(n).astype(np.float32) * 0.01, f"s{i}"),
-                numpy_helper.from_array(np.zeros(n, np.int8), f"z{i}")], {}
+                numpy_helper.from_array(np.zeros(n, np.int8), f"z{i}")], dict(domain="com.microsoft")
     blocks = k // BLOCK
     codes = rng.integers(0, 256, (n, blocks, BLOCK * bits // 8), dtype=np.uint8)
     return [numpy_helper.from_array(codes, f"w{i}"),
@@ -48,8 +48,6 @@ def session(op: str, bits: int, level: int, threads: int | None, spinning: bool)
         ws, attrs = _weights(op, bits, level, k, n, i, rng)
         inits += ws
         kind = {"fp32": "MatMul", "int8": "DynamicQuantizeMatMul", "nbits": "MatMulNBits"}[op]
-        if op == "int8":
-            attrs = dict(domain="com.microsoft")
         nodes.append(helper.make_node(kind, [x, *(w.name for w in ws)], [f"y{i}"], **attrs))
         x = f"y{i}"
     graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", K])],
