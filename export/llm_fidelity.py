@@ -103,11 +103,14 @@ def twin(bundle, spec: dict, seqs: list[Sequence], ref_final: list[torch.Tensor]
 
     scored = [(s, r) for s, r in zip(seqs, ref_final) if s.group != "prose"]
     longest = max(len(s.got) for s, _ in scored)
-    paths = {"twin": Decoder(bundle / spec["graph"], spec, longest, prefill_graph=bundle / spec["prefill_graph"]),
-             "decoder": Decoder(bundle / spec["graph"], spec, longest)}
-    paths["twin"].twin_from = 2  # every prompt through the twin, short ones too (the runtime sends it long ones)
+    dec = Decoder(bundle / spec["graph"], spec, longest, prefill_graph=bundle / spec["prefill_graph"])
+    dec.twin_from = 2  # every prompt through the twin, short ones too (the runtime sends it long ones)
     out = {}
-    for name, dec in paths.items():
+    for name in ("twin", "decoder"):
+        if name == "decoder" and dec.shared_cache:
+            dec.twin_from = longest + 1  # no prompt through the twin: one copy of each graph in memory (GBs at 7B)
+        elif name == "decoder":  # an int8-cache decoder sends every prompt to its twin: the decoder alone
+            dec = Decoder(bundle / spec["graph"], spec, longest)
         parts = {}
         for seq, ref_h in scored:
             dec.rewind(0)
