@@ -73,12 +73,15 @@ def provider_name(entry) -> str:
     return entry if isinstance(entry, str) else entry[0]
 
 
-def open_session(path, providers=None, threads: int | None = None) -> ort.InferenceSession:
+def open_session(path, providers=None, threads: int | None = None, spinning: bool = True) -> ort.InferenceSession:
     """The one way this project opens an ONNX graph: a load failure names the file instead of ONNX Runtime's
-    traceback. CPU when no providers are given."""
+    traceback. CPU when no providers are given. `spinning=False`: its threads sleep as soon as a run ends, instead
+    of spinning a while on the cores the next session's run needs."""
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), opts, providers=providers or [CPU])
     except Exception as e:  # onnxruntime raises its own untyped errors
