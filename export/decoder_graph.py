@@ -103,8 +103,7 @@ class MatMuls:
         first = len(self.nodes)
         self._main_matmul(x, w, name, out, bits, imp)
         if self.twin_data is not None and twin:
-            scale = np.maximum(np.abs(w).max(axis=1), 1e-12).astype(np.float32) / 127  # symmetric, per channel
-            codes = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+            codes, scale = imatrix.quantize_rows(w)  # per output channel
             inits = [self.twin_data.tensor(f"{name}.weight_int8", np.ascontiguousarray(codes.T)),
                      self.twin_data.tensor(f"{name}.weight_scale", scale),
                      self.twin_data.tensor(f"{name}.weight_zero_point", np.zeros(len(w), np.int8))]

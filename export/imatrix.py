@@ -126,3 +126,12 @@ def symmetric8_blocks(w: np.ndarray, block: int):
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     q = np.clip(np.rint(wb / scale[..., None]), -127, 127) + 128
     return q.astype(np.uint8), scale
+
+
+def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 with a symmetric per-row scale: the embedding table (the runtime's `Embeddings` reads it back) and
+    the int8 prefill twin's weights, per output channel."""
+    scale = np.abs(table).max(axis=1) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)

@@ -14,6 +14,7 @@ from sfedge.runtime.embeddings import Embeddings
 from . import llm_fidelity
 from .decoder_graph import DecoderGraph, Scheme
 from .graph_layers import GraphLayers
+from .imatrix import quantize_rows
 from .streamed import LayerStream, calibration, chunks, mean_square
 
 QUANT_SCHEMES = {
@@ -47,14 +48,6 @@ def calibration_samples(table: torch.Tensor, tokenizer, visual_tokens: np.ndarra
 
     samples = [table[tokenizer(p, add_special_tokens=False)["input_ids"]].numpy() for p in calibration.prompts()]
     return samples + ([visual_tokens.astype(np.float32)] if visual_tokens is not None else [])
-
-
-def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int8 with a symmetric per-row scale (the runtime's `Embeddings` reads it back)."""
-    scale = np.abs(table).max(axis=1) / 127.0
-    scale[scale == 0] = 1.0
-    q = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
-    return q, scale.astype(np.float32)
 
 
 def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision="int4", block_size=32,
@@ -112,15 +105,22 @@ def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision
             "architecture": type(stream.skeleton).__name__, "precision": precision,
             "quantization": _record(precision, scheme, block_size, graph.counts, samples),
             **{k: v for k, v in d.items() if k != "rms_norm_eps"}, "embeddings": embeddings,
-            "kv_dtype": "int8" if kv_int8 else "float32"}
-    if kv_int8:
-        spec.update(prefill_graph="llm/prefill.onnx", kv_scales=scales)
+            **_prefill_fields(scales if kv_int8 else None, int8_prefill)}
     if int8_prefill:
-        spec.update(prefill_graph="llm/prefill.onnx", prefill_weights="int8",
-                    prefill_external_data=["llm/prefill.onnx.data"])
         log("checking the int8 prefill twin: prompts prefilled through it, answers decoded by the 4-bit graph")
         figures["prefill_twin"] = llm_fidelity.twin(bundle, spec, checks, finals["reference"], head)
     return spec, figures
+
+
+def _prefill_fields(kv_scales: dict | None, int8_prefill: bool) -> dict:
+    """The manifest's KV dtype and prefill twin: an int8 cache's scales and fp32-cache twin, int8 twin weights."""
+    fields = {"kv_dtype": "int8" if kv_scales else "float32"}
+    if kv_scales:
+        fields.update(prefill_graph="llm/prefill.onnx", kv_scales=kv_scales)
+    if int8_prefill:
+        fields.update(prefill_graph="llm/prefill.onnx", prefill_weights="int8",
+                      prefill_external_data=["llm/prefill.onnx.data"])
+    return fields
 
 
 def _record(precision: str, scheme: str, block_size: int, counts: dict, samples: list) -> dict | None:
