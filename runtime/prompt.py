@@ -20,6 +20,11 @@ STYLES = {
     "open-ended": "In the video,",  # SlowFast-LLaVA's open-ended prefill
     "multiple-choice": "Best option:(",  # and its multiple-choice one
 }
+# How a multiple-choice answer is chosen. "letter": the options are listed in the question and the answer is the
+# letter of one (SlowFast-LLaVA's and MVBench's format). "text": the question is asked as is and each option's own
+# text is scored as the answer (lm-evaluation-harness's cloze form; small language models, which cannot read a
+# letter off a list, answer this way).
+CHOICES = ("letter", "text")
 MAX_QUESTION_CHARS = 20_000
 SENTINEL = "\x00USER_TURN\x00"
 FALLBACK = ("USER: ", " ASSISTANT:")  # LLaVA-1.5's conversation format, for checkpoints that ship no chat template
@@ -42,7 +47,7 @@ class PromptIds:
     prefix: list  # token ids before the visual tokens (with BOS where the template wants it)
     question: list  # token ids after them
     answer_start: str
-    option_ids: list  # with options: each letter's token as the answer's first token
+    option_ids: list  # with options, per option: the answer's tokens that choose it (its letter, or its text)
 
 
 def transformers_tokenize(tokenizer) -> Tokenize:
@@ -97,13 +102,16 @@ def clean_question(question: str) -> str:
     return text
 
 
-def build(spec: dict, question: str, style: str = "plain", options: list[str] | None = None) -> Prompt:
-    """The prompt's text around the visual tokens. With options, the question lists them as (A) ... (B) ... and
-    the answer starts with the multiple-choice prefill."""
+def build(spec: dict, question: str, style: str = "plain", options: list[str] | None = None,
+          choice: str = "letter") -> Prompt:
+    """The prompt's text around the visual tokens. With options chosen by letter, the question lists them as
+    (A) ... (B) ... and the answer starts with the multiple-choice prefill."""
     if style not in STYLES:
         raise BadInput(f"prompt style {style!r}: choose one of {', '.join(STYLES)}")
+    if choice not in CHOICES:
+        raise BadInput(f"choice {choice!r}: choose one of {', '.join(CHOICES)}")
     question = clean_question(question)
-    if options:
+    if options and choice == "letter":
         listed = "\n".join(f"({l}) {clean_question(o)}" for l, o in zip(letters(len(options)), options))
         question = f"{question}\nOptions:\n{listed}\nAnswer with the option's letter from the given choices directly."
         style = "multiple-choice" if style == "plain" else style
@@ -117,34 +125,36 @@ def chat(spec: dict, text: str) -> str:
 
 
 def token_ids(spec: dict, tokenize: Tokenize, question: str, style: str = "plain",
-              options: list[str] | None = None) -> PromptIds:
+              options: list[str] | None = None, choice: str = "letter") -> PromptIds:
     """The prompt as token ids: the prefix with the template's special tokens, the question part without."""
-    p = build(spec, question, style, options)
+    p = build(spec, question, style, options, choice)
     return PromptIds(list(tokenize(p.prefix, spec["add_special_tokens"])), list(tokenize(p.question, False)),
-                     p.answer_start, option_ids(tokenize, p.answer_start, len(options or [])))
+                     p.answer_start, option_ids(tokenize, p.answer_start, options or [], choice))
 
 
 def letters(n: int) -> list[str]:
     return [chr(ord("A") + i) for i in range(n)]
 
 
-def option_ids(tokenize: Tokenize, answer_start: str, n: int) -> list[int]:
-    """The token each option's letter begins the answer with, right after the prefill ("Best option:(A" less
-    "Best option:("): tokenizers that merge or prefix spaces differ here, so it is read, not assumed."""
+def option_ids(tokenize: Tokenize, answer_start: str, options: list[str], choice: str = "letter") -> list[list]:
+    """Per option, the tokens that choose it as the answer, right after the prefill: its letter's first token
+    ("Best option:(A" less "Best option:("), or all of its text's. Tokenizers that merge or prefix spaces differ
+    here, so it is read, not assumed."""
     base = list(tokenize(answer_start, False))
+    texts = letters(len(options)) if choice == "letter" else [clean_question(o) for o in options]
     out = []
-    for letter in letters(n):
-        ids = list(tokenize(answer_start + letter, False))
+    for text in texts:
+        ids = list(tokenize(answer_start + text, False))
         k = next((i for i, (a, b) in enumerate(zip(base, ids)) if a != b), len(base))
         if k >= len(ids):
-            raise BadInput(f"option letter {letter!r} has no token of its own after {answer_start!r}")
-        out.append(ids[k])
+            raise BadInput(f"option {text!r} has no token of its own after {answer_start!r}")
+        out.append(ids[k:k + 1] if choice == "letter" else ids[k:])
     return out
 
 
 def embeds(spec: dict, tokenize: Tokenize, embed: Callable[[list], Any], concat: Callable[[list], Any], visual,
-           question: str, style: str = "plain", options: list[str] | None = None) -> Any:
+           question: str, style: str = "plain", options: list[str] | None = None, choice: str = "letter") -> Any:
     """prefix + visual + question embeddings [n, D] in one array: `embed` maps ids to rows and `concat` joins
     them (numpy's or torch's), so the runtime and the PyTorch reference build the very same sequence."""
-    ids = token_ids(spec, tokenize, question, style, options)
+    ids = token_ids(spec, tokenize, question, style, options, choice)
     return concat([embed(ids.prefix), visual, embed(ids.question)])

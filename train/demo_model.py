@@ -130,17 +130,22 @@ def tower_features(model, pixels: np.ndarray) -> torch.Tensor:
 
 
 class Prompts:
-    """The runtime's own multiple-choice prompt around the visual tokens (`sfedge.runtime.prompt`)."""
+    """The runtime's own prompt around the visual tokens (`sfedge.runtime.prompt`), the question asked as is and
+    answered with the option's text: the "text" choice that sf-eval scores the demo with."""
 
     def __init__(self, tok, model):
         self.spec = prompt.spec_from_tokenizer(tok, prompt.eos_ids(model, tok))
         self.tokenize = prompt.transformers_tokenize(tok)
         self.table = model.get_input_embeddings().weight
+        self.end = tok.convert_tokens_to_ids("<|im_end|>")  # the answer ends its turn, so generation stops there
 
     def sample(self, question: str, options: list, answer: int, visual: torch.Tensor):
-        ids = prompt.token_ids(self.spec, self.tokenize, question, options=options)
-        seq = torch.cat([self.table[ids.prefix], visual, self.table[ids.question]])
-        return seq, ids.option_ids[answer]
+        """(input embeddings, the answer's token ids and end of turn, each option's first token): the answer is
+        teacher-forced, so its tokens but the last are in the input."""
+        ids = prompt.token_ids(self.spec, self.tokenize, question, options=options, choice="text")
+        target = ids.option_ids[answer] + [self.end]
+        seq = torch.cat([self.table[ids.prefix], visual, self.table[ids.question + target[:-1]]])
+        return seq, target, [o[0] for o in ids.option_ids]
 
 
 def frame_choice(clip, rng, category: str):
@@ -249,7 +254,7 @@ def train_projector(model, tok, clips, feats, steps: int, batch: int, seed: int)
     rng = np.random.default_rng(seed)
     losses, right = [], []
     for step in range(steps):
-        seqs, targets = [], []
+        seqs, targets, firsts = [], [], []
         while len(seqs) < batch:
             c = int(rng.integers(len(clips)))
             category = str(rng.choice(syn.CATEGORIES))
@@ -260,22 +265,27 @@ def train_projector(model, tok, clips, feats, steps: int, batch: int, seed: int)
             q, cands, answer = syn.questions(clips[c], category, rng)
             x = proj(feats[c, np.concatenate([slow, fast])])
             visual = agg(x, torch.arange(len(slow)), torch.arange(len(slow), len(slow) + len(fast)))
-            seq, target = prompts.sample(q, cands, cands.index(answer), visual)
+            seq, target, first = prompts.sample(q, cands, cands.index(answer), visual)
             seqs.append(seq)
             targets.append(target)
+            firsts.append((first, first[cands.index(answer)]))
         lengths = torch.tensor([len(s) for s in seqs])
         embeds = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
         mask = (torch.arange(embeds.shape[1])[None] < lengths[:, None]).long()
+        # the positions whose next token is an answer token: the last len(target) of each sequence
+        rows = torch.cat([torch.full((len(t),), i) for i, t in enumerate(targets)])
+        cols = torch.cat([torch.arange(n - len(t), n) for n, t in zip(lengths.tolist(), targets)])
         with torch.autocast("cpu", dtype=torch.bfloat16):
             hidden = lm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-            logits = head(hidden[torch.arange(batch), lengths - 1]).float()
-        loss = F.cross_entropy(logits, torch.tensor(targets))
+            logits = head(hidden[rows, cols]).float()
+        loss = F.cross_entropy(logits, torch.tensor([t for ts in targets for t in ts]))
         loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        right += (logits.argmax(-1) == torch.tensor(targets)).tolist()
+        starts = torch.tensor([0] + [len(t) for t in targets[:-1]]).cumsum(0)
+        right += [int(logits[s, f].argmax()) == f.index(t) for s, (f, t) in zip(starts.tolist(), firsts)]
         if step % 20 == 0 or step == steps - 1:
             log(f"projector step {step}/{steps} loss {np.mean(losses[-20:]):.3f} "
                 f"train acc {np.mean(right[-20 * batch:]):.2f}")
