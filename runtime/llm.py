@@ -98,6 +98,26 @@ def generate(lm: LanguageModel, logits: np.ndarray, max_new_tokens: int, samplin
     return Generated(tokens, time.perf_counter() - t0)
 
 
+def score_options(lm: LanguageModel, logits: np.ndarray, options: list[list[int]]) -> list[float]:
+    """Each option's log-probability as the answer (the sum over its tokens), from the logits the answer starts
+    from; an option of several tokens is teacher-forced one token at a time, and the cache is rewound after it."""
+    start, first = lm.decoder.length, log_softmax(logits)
+    out = []
+    for ids in options:
+        lp = first[ids[0]]
+        for prev, nxt in zip(ids, ids[1:]):
+            lp += log_softmax(decode_one_token(lm, prev))[nxt]
+        lm.decoder.rewind(start)
+        out.append(float(lp))
+    return out
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64).ravel()
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
 def text_pieces(lm: LanguageModel, tokens: Generator[int, bool, Generated]) -> Generator[str, None, Generated]:
     """Streamed text of generated token ids: stops at the bundle's stop strings; returns generate's statistics."""
     stream = TextStream(lm.tokenizer, lm.stop_strings)

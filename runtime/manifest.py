@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from .errors import BadBundle
+from .prompt import CHOICES
 
 SCHEMA_VERSION = 1
 TOOLKIT_VERSION = "0.1.0"
@@ -51,8 +52,9 @@ SCHEMA = {
         "prefill_weights": Maybe(str), "prefill_external_data": Maybe(list),
     },
     "tokenizer": str,
+    # choice: how this model answers multiple choice unless told (prompt.CHOICES; "letter" when absent)
     "prompt": {"prefix": str, "suffix": str, "add_special_tokens": bool, "eos_token_ids": list,
-               "stop_strings": list},
+               "stop_strings": list, "choice": Maybe(str)},
     "artifacts": dict,
     "fidelity": dict,
 }
@@ -123,6 +125,8 @@ def _check_fields(obj: dict, schema: dict, where: Path, prefix: str) -> None:
             raise BadBundle(f"{where}: 'llm.prefill_weights' must be 'int8', beside a 'llm.prefill_graph'")
         if "prefill_graph" in obj and obj["kv_dtype"] != "int8" and not twin_weights:
             raise BadBundle(f"{where}: 'llm.prefill_graph' of an fp32-cache decoder needs 'llm.prefill_weights'")
+    if prefix == "prompt." and obj.get("choice", "letter") not in CHOICES:
+        raise BadBundle(f"{where}: field 'prompt.choice' must be one of {', '.join(CHOICES)}")
 
 
 def _check_optional(obj: dict, where: Path) -> None:

@@ -22,7 +22,7 @@ from . import manifest as manifest_io
 from . import prompt as prompts
 from .answer import Answer, AnswerStream, VisualTokens
 from .errors import BadInput
-from .llm import LanguageModel, generate, text_pieces
+from .llm import LanguageModel, generate, score_options, text_pieces
 from .memory import peak_rss
 from .planner import Plan, make_plan, replan
 from .question_aware import QuestionAware, check_modes
@@ -184,10 +184,14 @@ class Runtime:
 
     def ask(self, video, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, style: str = "plain",
-            options: list[str] | None = None, stream: bool = False, min_new_tokens: int = 0):
-        """Answer a question about a video (a path, "demo", or VisualTokens from encode). Greedy by default."""
+            options: list[str] | None = None, stream: bool = False, min_new_tokens: int = 0,
+            choice: str | None = None):
+        """Answer a question about a video (a path, "demo", or VisualTokens from encode). Greedy by default.
+        With options, the answer carries each option's log-probability; `choice` (prompt.CHOICES, default the
+        bundle's) says whether the options are listed and answered by letter, or each scored as the answer."""
         sampling, max_new_tokens = self._sampling(temperature, top_k, top_p, seed, max_new_tokens)
-        ids = prompts.token_ids(self.manifest["prompt"], self.llm.tokenize, question, style, options)
+        choice = choice or self.manifest["prompt"].get("choice", "letter")
+        ids = prompts.token_ids(self.manifest["prompt"], self.llm.tokenize, question, style, options, choice)
         vt, timings = self._video(video)
         self._check_fits(vt, ids)
         if self.qa:
@@ -198,7 +202,7 @@ class Runtime:
         logits = self.llm.decoder.forward(self.llm.embed(ids.question), self.plan.prefill_chunk)
         timings["prefill"] = time.perf_counter() - t0
         prompt_tokens = self.llm.decoder.length
-        option_logprobs = _log_softmax(logits)[ids.option_ids].tolist() if options else None
+        option_logprobs = score_options(self.llm, logits, ids.option_ids) if options else None
         tokens = generate(self.llm, logits, max_new_tokens, sampling, min_new_tokens)
 
         def finish(text: str, generated) -> Answer:
@@ -241,7 +245,7 @@ class Runtime:
 
     def _check_fits(self, vt: VisualTokens, ids: prompts.PromptIds) -> None:
         """Refuse an over-long question before anything is prefilled."""
-        need = len(ids.prefix) + vt.count + len(ids.question) + 1
+        need = len(ids.prefix) + vt.count + len(ids.question) + max(map(len, ids.option_ids), default=1)
         if need > self.plan.context:
             raise BadInput(f"the question is {len(ids.question)} tokens; with {vt.count} visual tokens it does not "
                            f"fit the planned context of {self.plan.context} tokens: shorten it or plan fewer frames")
@@ -257,12 +261,6 @@ class Runtime:
         lm.decoder.forward(np.concatenate([lm.embed(prefix_ids), vt.tokens]), self.plan.prefill_chunk)
         lm.prefix = (vt.key, lm.decoder.length)
         return False
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64).ravel()
-    x = x - x.max()
-    return x - np.log(np.exp(x).sum())
 
 
 def _starting_with(first: str, pieces):

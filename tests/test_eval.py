@@ -43,6 +43,12 @@ def test_choose(text, index, kind):
     assert tuple(choose(text, COLORS)) == (index, kind)
 
 
+def test_choose_by_log_probabilities_ignores_the_text():
+    """The "text" choice: each option's text was scored as the answer, and the likeliest is chosen."""
+    assert choose("", COLORS, [-3.0, -0.1, -2.0, -5.0]) == (1, "likeliest")
+    assert choose("Best option:(A) red", COLORS, [-3.0, -2.0, -0.5, -5.0]) == (2, "likeliest")
+
+
 def test_choose_counts_letters_of_these_options_only():
     assert choose("C", ["yes", "no"]) == (None, "unparsed")
     assert choose("B", ["yes", "no"]) == (1, "letter")
@@ -199,7 +205,7 @@ REFERENCE = {"Which color?": ("Best option:(B) blue", [-3.1, -0.1, -4.0]),
 
 
 class FakeRuntime:
-    manifest = {"fidelity": FIDELITY}
+    manifest = {"fidelity": FIDELITY, "prompt": {}}
     loads = []
 
     @classmethod
@@ -212,7 +218,7 @@ class FakeRuntime:
             raise GraphFailed("vision graph failed: out of memory")
         return types.SimpleNamespace(path=path, timings={"decode": 0.5, "encode": 1.0, "aggregate": 0.0})
 
-    def ask(self, vt, question, options, max_new_tokens):
+    def ask(self, vt, question, options, max_new_tokens, choice):
         text, logprobs = ANSWERS[question]
         return types.SimpleNamespace(text=text, option_logprobs=logprobs, selected_frames=[0, 8],
                                      fast_frames=[0, 2, 4, 6, 8], timings={"prefill": 0.25, "generate": 0.5})
@@ -224,7 +230,7 @@ class FakeReference:
     def __init__(self, checkpoint, manifest):
         FakeReference.made.append((checkpoint, manifest))
 
-    def answer(self, video_path, question, options, selected_frames, fast_frames, max_new_tokens):
+    def answer(self, video_path, question, options, selected_frames, fast_frames, max_new_tokens, choice):
         FakeReference.calls.append((video_path, question, options, selected_frames, fast_frames, max_new_tokens))
         return REFERENCE[question]
 
@@ -294,6 +300,20 @@ def test_cli_encode_failure_becomes_error_rows_and_out_writes_three_files(clips,
     assert "overall" in captured.out and "2 question(s) not scored" in captured.out
     assert "| overall | 3 |" in (out / "report.md").read_text()
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_text_choice_scores_the_likeliest_option(clips, fakes, monkeypatch, capsys):
+    out = clips / "text"
+    assert _sf_eval(monkeypatch, "bundle", "--data", _data(clips), "--reference", "ckpt", "--out", out,
+                    "--choice", "text") == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["id"]: r for r in results["questions"] if r["error"] is None}
+    assert {r["parse"] for r in rows.values()} == {"likeliest"}
+    assert rows["3"]["correct"]  # its text is empty, but the option it finds likeliest is right
+    s = results["summary"]
+    assert s["settings"]["choice"] == "text" and s["overall"]["accuracy"] == 1.0
+    assert s["overall"]["reference"]["accuracy"] == 2 / 3  # question 4: the reference finds "small" likeliest
+    assert "choice: the option whose text is the likeliest answer" in capsys.readouterr().out
 
 
 def test_cli_without_reference(clips, fakes, monkeypatch, capsys):

@@ -347,10 +347,11 @@ def test_bench_worker_measures_each_mode(clip_bundle):
     assert res["question_s"] > 0 and res["visual_tokens"] == 16
 
 
-@pytest.mark.parametrize("selection", ["uniform", "clip"])
-def test_sf_eval_reference_answers_as_the_fp32_bundle_on_its_frames(clip_bundle, tmp_path, selection):
+@pytest.mark.parametrize("selection, choice", [("uniform", "letter"), ("clip", "letter"), ("uniform", "text")])
+def test_sf_eval_reference_answers_as_the_fp32_bundle_on_its_frames(clip_bundle, tmp_path, selection, choice):
     """sf-eval --reference: the PyTorch original, fed the source frames the bundle used (uniform, or the slow frames
-    CLIP chose), gives the fp32 bundle's answer and option log-probabilities."""
+    CLIP chose), gives the fp32 bundle's answer and option log-probabilities, by letter or by each option's text
+    (options of several tokens: teacher-forced a token at a time in the runtime, in one pass in PyTorch)."""
     from sfedge.eval.reference import Reference
     from sfedge.train import synthetic
 
@@ -358,11 +359,12 @@ def test_sf_eval_reference_answers_as_the_fp32_bundle_on_its_frames(clip_bundle,
     video = synthetic.write_video(synthetic.make_clip(5), tmp_path / "clip.mp4")
     rt = Runtime.load(out, vision_variant="fp32", frame_selection=selection, candidates=40)
     ref = Reference(ckpt, rt.manifest)
-    options = ["red", "green", "blue", "yellow"]
-    ans = rt.ask(rt.encode(video), "What colour is the circle?", options=options, max_new_tokens=4)
+    options = ["red", "dark green", "blue", "a yellow one"]
+    ans = rt.ask(rt.encode(video), "What colour is the circle?", options=options, max_new_tokens=4, choice=choice)
     assert len(ans.option_logprobs) == 4 and all(lp < 0 for lp in ans.option_logprobs)
     if selection == "clip":
         assert sorted(ans.selected_frames) != sorted(ans.fast_frames[i] for i in slow_indices(len(ans.fast_frames), 4))
-    text, logprobs = ref.answer(video, "What colour is the circle?", options, ans.selected_frames, ans.fast_frames, 4)
+    text, logprobs = ref.answer(video, "What colour is the circle?", options, ans.selected_frames, ans.fast_frames, 4,
+                                choice)
     assert text == ans.text
     np.testing.assert_allclose(logprobs, ans.option_logprobs, atol=2e-4)  # the wrong slow frames: 4e-3 off

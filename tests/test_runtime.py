@@ -10,6 +10,7 @@ import pytest
 from sfedge.export.reference import answer_ids
 from sfedge.export import checkpoint as ckpt_io
 from sfedge.runtime import Runtime
+from sfedge.runtime import prompt as prompts
 from sfedge.runtime.errors import BadInput, DoesNotFit
 from sfedge.runtime.video import read_frames
 
@@ -96,6 +97,21 @@ def test_prompt_styles(rt):
     assert rt.ask(video, "What happens?", style="open-ended", max_new_tokens=3).text.startswith("In the video,")
     mc = rt.ask(video, "Which animal?", options=["a rabbit", "a bird"], max_new_tokens=2)
     assert mc.text.startswith("Best option:(")
+
+
+def test_text_choice_scores_each_option_and_leaves_the_cache_as_it_was(rt):
+    """The "text" choice asks the question as is (no options listed) and scores each option's text as the answer,
+    a token at a time for longer ones; the answer then generated is the plain question's, token for token."""
+    video = rt.encode("demo")
+    options = ["a rabbit in a field", "a bird", "nothing at all"]
+    ans = rt.ask(video, "Which animal?", options=options, choice="text", max_new_tokens=6)
+    plain = rt.ask(video, "Which animal?", max_new_tokens=6)
+    assert ans.text == plain.text and ans.prompt_tokens == plain.prompt_tokens
+    assert len(ans.option_logprobs) == 3 and all(lp < 0 for lp in ans.option_logprobs)
+    ids = prompts.token_ids(rt.manifest["prompt"], rt.llm.tokenize, "Which animal?", options=options, choice="text")
+    assert [len(o) for o in ids.option_ids][0] > 2 and "(A)" not in rt.llm.tokenizer.decode(ids.question)
+    with pytest.raises(BadInput, match="choice 'cloze'"):
+        rt.ask(video, "Which animal?", options=options, choice="cloze")
 
 
 def test_sampling_is_seeded(rt):
