@@ -68,6 +68,7 @@ def main() -> None:
     for name, s, options in runs(schemes):
         folder = a.out / "runs" / name.replace(" ", "_").replace(",", "").replace("+", "").replace("-", "")
         if not (folder / "results.json").exists():
+            folder.parent.mkdir(exist_ok=True)
             reference = [] if "prompt-guided" in options else ["--reference", checkpoint]
             _run(["sf-eval", a.out / f"bundle-{s}", "--data", data, "--out", folder, *reference, *options],
                  folder.with_suffix(".log"))

@@ -393,7 +393,7 @@ def test_cli_errors_are_one_line(tiny_bundle, tmp_path):
 
 @pytest.mark.slow
 def test_soak_ten_minutes_of_video_memory_stays_flat(demo_bundle, tmp_path):
-    """11 minutes of stream time, faster than real time, through the demo bundle (ViT-B/16-sized tower, real
+    """11 minutes of stream time, faster than real time, through the demo bundle (its trained small tower, real
     SmolLM2): resident memory after warm-up grows less than 5%."""
     video = write_video(tmp_path / "soak.mp4", 11 * 60, fps=5, size=(160, 120))
     out = tmp_path / "soak.jsonl"
