@@ -108,13 +108,15 @@ def build_workload_checkpoint(out: Path) -> Path:
                     smollm2_tokenizer(), lm=lm)
 
 
-def demo_weights() -> tuple[dict, dict]:
-    """The trained demo weights (fp16 on disk, fp32 here) and their model card (sizes, pipeline, training)."""
+def demo_weights(path: Path | None = None) -> tuple[dict, dict]:
+    """The trained demo weights (default: the committed ones; fp16 on disk, fp32 here) and their model card (sizes,
+    pipeline, training)."""
     from safetensors import safe_open
 
-    if not DEMO_WEIGHTS.exists():
-        raise BackendUnavailable(f"{DEMO_WEIGHTS}: missing; train them with python -m sfedge.train.demo_model")
-    with safe_open(DEMO_WEIGHTS, "pt") as f:
+    path = Path(path or DEMO_WEIGHTS)
+    if not path.exists():
+        raise BackendUnavailable(f"{path}: missing; train them with python -m sfedge.train.demo_model")
+    with safe_open(path, "pt") as f:
         card = json.loads(f.metadata()["card"])
         return {k: f.get_tensor(k).float() for k in f.keys()}, card
 

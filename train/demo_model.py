@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from sfedge.export.aggregator import SlowFastAggregator
 from sfedge.export.checkpoint import STANDARD_NORM
-from sfedge.export.demo import demo_clip, demo_llava, smollm2_model
+from sfedge.export.demo import demo_clip, demo_llava, demo_weights, smollm2_model
 from sfedge.export.vision import VisionGraph, select_features
 from sfedge.runtime import prompt
 from sfedge.runtime.tokens import slow_indices
@@ -235,12 +235,11 @@ def add_lora(model) -> dict:
     return adapters
 
 
-def train_projector(model, tok, clips, feats, steps: int, batch: int, seed: int):
+def train_projector(model, tok, clips, feats, adapters: dict, steps: int, batch: int, seed: int):
     """Stage 2: the projector and the adapters learn; the tower's features are precomputed, SmolLM2 runs in bf16."""
     for p in model.parameters():
         p.requires_grad_(False)
     proj = model.model.multi_modal_projector
-    adapters = add_lora(model)
     trained = list(proj.parameters()) + [p for a in adapters.values() for p in (a.a, a.b)]
     for p in trained:
         p.requires_grad_(True)
@@ -288,7 +287,11 @@ def train_projector(model, tok, clips, feats, steps: int, batch: int, seed: int)
         if step % 20 == 0 or step == steps - 1:
             log(f"projector step {step}/{steps} loss {np.mean(losses[-20:]):.3f} "
                 f"train acc {np.mean(right[-20 * batch:]):.2f}")
-    return losses, right, adapters
+    return losses, right
+
+
+def _part(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def save(out: Path, clip, model, adapters: dict, card: dict) -> Path:
@@ -313,29 +316,46 @@ def main() -> None:
     p.add_argument("--projector-steps", type=int, default=700)
     p.add_argument("--projector-batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", type=Path, help="a demo_weights.safetensors to go on from: its CLIP pair, projector "
+                                               "and adapters are loaded, stage 1 and the alignment skipped, and the "
+                                               "LLaVA stage runs --projector-steps more (its schedule restarts)")
     a = p.parse_args()
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="sfedge-train-") as work:
         clips, pixels = render_clips(Path(work), range(TRAIN_SEED0, TRAIN_SEED0 + a.clips))
     log(f"rendered {a.clips} clips in {time.time() - t0:.0f} s")
-    clip, _, clip_losses = train_clip(clips, pixels, a.clip_steps, a.clip_batch, a.seed)
+    tensors, before = demo_weights(a.resume) if a.resume else ({}, {})
+    if a.resume:
+        clip = demo_clip(before)[0]
+        clip.load_state_dict(_part(tensors, "clip."))
+    else:
+        clip, _, clip_losses = train_clip(clips, pixels, a.clip_steps, a.clip_batch, a.seed)
+        before = {"clip_steps": a.clip_steps, "clip_batch": a.clip_batch, "projector_steps": 0,
+                  "clip_final_loss": float(np.mean(clip_losses[-50:]))}
     t1 = time.time()
     model, tok = demo_llava(clip, smollm2_model(), a.seed)
     feats = tower_features(model, pixels)
     del pixels
     proj = model.model.multi_modal_projector
-    align = align_projector(proj, feats, word_targets(clips, model.get_input_embeddings().weight, tok),
-                            a.align_steps, a.seed)
-    losses, right, adapters = train_projector(model, tok, clips, feats, a.projector_steps, a.projector_batch,
-                                              a.seed)
+    adapters = add_lora(model)
+    if a.resume:
+        proj.load_state_dict(_part(tensors, "projector."))
+        for name, adapter in adapters.items():
+            adapter.load_state_dict(_part(tensors, f"lora.{name}."), strict=False)  # a and b; base is SmolLM2's
+    else:
+        align = align_projector(proj, feats, word_targets(clips, model.get_input_embeddings().weight, tok),
+                                a.align_steps, a.seed)
+        before |= {"align_steps": a.align_steps, "align_final_relative_error": float(np.mean(align[-100:]))}
+    losses, right = train_projector(model, tok, clips, feats, adapters, a.projector_steps, a.projector_batch,
+                                    a.seed + before["projector_steps"])  # a resumed run draws new samples
     t2 = time.time()
-    card = {"clips": a.clips, "train_seeds": [TRAIN_SEED0, TRAIN_SEED0 + a.clips - 1], "seed": a.seed,
-            "clip_steps": a.clip_steps, "clip_batch": a.clip_batch,
-            "clip_final_loss": float(np.mean(clip_losses[-50:])), "align_steps": a.align_steps,
-            "align_final_relative_error": float(np.mean(align[-100:])), "projector_steps": a.projector_steps,
-            "projector_batch": a.projector_batch, "projector_final_loss": float(np.mean(losses[-50:])),
+    card = {**before, "clips": a.clips, "train_seeds": [TRAIN_SEED0, TRAIN_SEED0 + a.clips - 1], "seed": a.seed,
+            "projector_steps": before["projector_steps"] + a.projector_steps, "projector_batch": a.projector_batch,
+            "projector_final_loss": float(np.mean(losses[-50:])),
             "projector_final_train_accuracy": float(np.mean(right[-50 * a.projector_batch:])),
             "minutes": {"clip": round((t1 - t0) / 60, 1), "projector": round((t2 - t1) / 60, 1)}, **CARD}
+    if a.resume:
+        card["resumed_from"] = {"file": str(a.resume), "projector_steps": before["projector_steps"]}
     path = save(Path(a.out), clip, model, adapters, card)
     log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {json.dumps(card)}")
 

@@ -1,0 +1,35 @@
+"""The demo's training script, end to end at toy sizes: it trains, resumes, and writes weights the demo export
+loads (the real run: export/demo_weights/MODEL_CARD.md)."""
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors import safe_open
+
+from sfedge.export import demo
+
+
+def train(out, *args):
+    run = subprocess.run([sys.executable, "-m", "sfedge.train.demo_model", str(out), "--clips", "10",
+                          "--clip-batch", "8", "--clip-steps", "2", "--align-steps", "2", "--projector-batch", "2",
+                          *args], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with safe_open(out / demo.DEMO_WEIGHTS.name, "pt") as f:
+        return json.loads(f.metadata()["card"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.slow
+def test_training_resumes_and_the_demo_export_loads_its_weights(tmp_path, monkeypatch):
+    card, first = train(tmp_path / "a", "--projector-steps", "2")
+    assert card["projector_steps"] == 2 and card["pipeline"]["frames"] == 16 and card["lora"]["rank"] == 8
+    assert {k.split(".")[0] for k in first} == {"clip", "projector", "lora"}
+    again, second = train(tmp_path / "b", "--projector-steps", "1",
+                          "--resume", str(tmp_path / "a" / demo.DEMO_WEIGHTS.name))
+    assert again["projector_steps"] == 3 and again["resumed_from"]["projector_steps"] == 2
+    assert again["clip_steps"] == 2  # stage 1 not rerun: its weights are the first run's
+    assert all((second[k] == first[k]).all() for k in first if k.startswith("clip."))
+    assert any((second[k] != first[k]).any() for k in first if k.startswith("lora."))
+    monkeypatch.setattr(demo, "DEMO_WEIGHTS", tmp_path / "b" / demo.DEMO_WEIGHTS.name)
+    llava, clip = demo.build_demo(tmp_path / "demo")
+    assert (llava / "config.json").exists() and (clip / "config.json").exists()
