@@ -9,8 +9,8 @@ from pathlib import Path
 
 from sfedge.bench.probe import machine
 from sfedge.runtime.answering import cause
-from sfedge.runtime.cli import pooling_temperature_option, question_aware_options, runtime_options
 from sfedge.runtime import prompt as prompts
+from sfedge.runtime.cli import pooling_temperature_option, question_aware_options, runtime_options
 from sfedge.runtime.clitools import run_cli
 from sfedge.runtime.errors import BadInput
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from sfedge.runtime import hub
 from sfedge.runtime.clitools import run_cli
 from sfedge.runtime.errors import BadInput
+from sfedge.runtime.prompt import CHOICES
 from sfedge.runtime.tokens import prompt_pooled_count
 from sfedge.runtime.units import human
 
@@ -102,7 +103,7 @@ def _llm_options(p: argparse.ArgumentParser) -> None:
                         "weights at 8 bits on disk and in memory (the runtime measures once per CPU kind whether it "
                         "is faster there, and the planner drops it when a memory budget has no room); auto "
                         "(default): int8 for language models whose twin stays under 1.5 GB (about 1.5B parameters)")
-    g.add_argument("--choice", choices=["letter", "text"],
+    g.add_argument("--choice", choices=list(CHOICES),
                    help="how the model answers multiple choice unless a question says otherwise: letter (default; "
                         "the demo's is text) lists the options and reads the answer's letter; text scores each "
                         "option's own text as the answer (for small models that cannot read a letter off a list)")
@@ -149,7 +150,8 @@ def options(a, pipeline: dict = PIPELINE):
                    calibration_videos=a.calibration_videos, llm_precision=a.llm_precision, llm_quant=a.llm_quant,
                    block_size=a.block_size, embeddings=a.embeddings, allow_low_fidelity=a.allow_low_fidelity,
                    force=a.force, fidelity_text_tokens=a.fidelity_tokens, nf4=a.nf4,
-                   kv_cache=a.kv_cache, prefill=a.prefill, choice=a.choice or "letter", clip=a.clip, allow_mismatched_clip=a.allow_mismatched_clip,
+                   kv_cache=a.kv_cache, prefill=a.prefill, choice=a.choice or "letter", clip=a.clip,
+                   allow_mismatched_clip=a.allow_mismatched_clip,
                    pooling_kernel=parse_kernel(a.pooling_kernel), pooling_temperature=a.pooling_temperature)
 
 
