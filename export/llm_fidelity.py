@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from sfedge import calibration
+from sfedge.runtime.llm import log_softmax
 from sfedge.runtime.prompt import chat, transformers_tokenize
 from sfedge.runtime.prompt import embeds as prompt_embeds
 
@@ -66,12 +67,6 @@ def sequences(tokenizer, prompt: dict, table: torch.Tensor, embed, text_tokens: 
         out.append(Sequence("video", torch.cat([ref, table[answer]]), np.concatenate([got, embed(answer)]), answer,
                             len(ref) - 1))
     return out
-
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = z.astype(np.float64)
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def compare(seqs: list[Sequence], ref_final: list[torch.Tensor], head: torch.Tensor, got_final: list, got_logits,

@@ -101,21 +101,22 @@ def generate(lm: LanguageModel, logits: np.ndarray, max_new_tokens: int, samplin
 def score_options(lm: LanguageModel, logits: np.ndarray, options: list[list[int]]) -> list[float]:
     """Each option's log-probability as the answer (the sum over its tokens), from the logits the answer starts
     from; an option of several tokens is teacher-forced one token at a time, and the cache is rewound after it."""
-    start, first = lm.decoder.length, log_softmax(logits)
+    start, first = lm.decoder.length, log_softmax(logits.ravel())
     out = []
     for ids in options:
         lp = first[ids[0]]
         for prev, nxt in zip(ids, ids[1:]):
-            lp += log_softmax(decode_one_token(lm, prev))[nxt]
+            lp += log_softmax(decode_one_token(lm, prev).ravel())[nxt]
         lm.decoder.rewind(start)
         out.append(float(lp))
     return out
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64).ravel()
-    x = x - x.max()
-    return x - np.log(np.exp(x).sum())
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    """Over the last axis, in float64."""
+    z = z.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def text_pieces(lm: LanguageModel, tokens: Generator[int, bool, Generated]) -> Generator[str, None, Generated]:

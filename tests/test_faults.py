@@ -43,14 +43,19 @@ def test_export_killed_midway_leaves_no_bundle(make_checkpoint, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_during_an_answer_stops_cleanly(tiny_bundle):
     proc = subprocess.Popen([sys.executable, "-m", "sfedge.runtime.cli", "ask", str(tiny_bundle[0]), "--video",
                              "demo", "-q", "Tell me everything.", "-q", "And then?", "-q", "Anything else?",
                              "--max-new-tokens", "3500", "--vision", "fp32"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            # as from a shell: a test earlier in the session may leave SIGINT ignored, and a child
-                            # inherits an ignored signal
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            # as from a shell: a test earlier in the session may leave SIGINT ignored or blocked, and
+                            # a child inherits both
+                            preexec_fn=_default_sigint)
     deadline = time.time() + 120
     line = ""
     while time.time() < deadline and "visual tokens" not in line:
@@ -58,7 +63,9 @@ def test_ctrl_c_during_an_answer_stops_cleanly(tiny_bundle):
     proc.stdout.read(1)  # the answers have started streaming (three: the tiny model writes 3,500 tokens in 2.5 s)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "sf-run: interrupted" in err and "Traceback" not in err
+    here = (f"pytest's SIGINT handler {signal.getsignal(signal.SIGINT)}, "
+            f"blocked {signal.pthread_sigmask(signal.SIG_BLOCK, [])}")
+    assert proc.returncode == 130 and "sf-run: interrupted" in err and "Traceback" not in err, (here, err[-2000:])
 
 
 def test_graph_reaching_outside_the_bundle_is_refused(tmp_path):
