@@ -138,6 +138,11 @@ def demo_llava(clip, lm, seed: int = 0):
     return model, tok
 
 
+def part(tensors: dict, prefix: str) -> dict:
+    """The tensors under `prefix` of the demo weights ("clip.", "projector.", "lora.NAME."), named without it."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def merge_lora(lm, tensors: dict, card: dict) -> None:
     """Fold the trained adapters into the language model's weights: W += alpha / rank * B @ A."""
     scale = card["lora"]["alpha"] / card["lora"]["rank"]
@@ -152,12 +157,11 @@ def build_demo(out: Path) -> tuple[Path, Path]:
     """The built-in demo's checkpoint and CLIP folders under `out`, from the trained weights: (llava, clip)."""
     tensors, card = demo_weights()
     clip, clip_tok = demo_clip(card)
-    clip.load_state_dict({k[len("clip."):]: v for k, v in tensors.items() if k.startswith("clip.")})
+    clip.load_state_dict(part(tensors, "clip."))
     lm = smollm2_model()
     merge_lora(lm, tensors, card)
     model, tok = demo_llava(clip, lm)
-    model.model.multi_modal_projector.load_state_dict(
-        {k[len("projector."):]: v for k, v in tensors.items() if k.startswith("projector.")})
+    model.model.multi_modal_projector.load_state_dict(part(tensors, "projector."))
     clip_dir = Path(out) / "clip"
     clip.save_pretrained(clip_dir)
     clip_tok.save_pretrained(clip_dir)

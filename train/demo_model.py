@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from sfedge.export.aggregator import SlowFastAggregator
 from sfedge.export.checkpoint import STANDARD_NORM
-from sfedge.export.demo import demo_clip, demo_llava, demo_weights, smollm2_model
+from sfedge.export.demo import demo_clip, demo_llava, demo_weights, part, smollm2_model
 from sfedge.export.vision import VisionGraph, select_features
 from sfedge.runtime import prompt
 from sfedge.runtime.tokens import slow_indices
@@ -266,7 +266,7 @@ def train_projector(model, tok, clips, feats, adapters: dict, steps: int, batch:
             seq, target, first = prompts.sample(q, cands, cands.index(answer), visual)
             seqs.append(seq)
             targets.append(target)
-            firsts.append((first, first[cands.index(answer)]))
+            firsts.append((first, cands.index(answer)))
         lengths = torch.tensor([len(s) for s in seqs])
         embeds = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
         mask = (torch.arange(embeds.shape[1])[None] < lengths[:, None]).long()
@@ -283,15 +283,11 @@ def train_projector(model, tok, clips, feats, adapters: dict, steps: int, batch:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         starts = torch.tensor([0] + [len(t) for t in targets[:-1]]).cumsum(0)
-        right += [int(logits[s, f].argmax()) == f.index(t) for s, (f, t) in zip(starts.tolist(), firsts)]
+        right += [int(logits[s, f].argmax()) == a for s, (f, a) in zip(starts.tolist(), firsts)]
         if step % 20 == 0 or step == steps - 1:
             log(f"projector step {step}/{steps} loss {np.mean(losses[-20:]):.3f} "
                 f"train acc {np.mean(right[-20 * batch:]):.2f}")
     return losses, right
-
-
-def _part(tensors: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def save(out: Path, clip, model, adapters: dict, card: dict) -> Path:
@@ -327,7 +323,7 @@ def main() -> None:
     tensors, before = demo_weights(a.resume) if a.resume else ({}, {})
     if a.resume:
         clip = demo_clip(before)[0]
-        clip.load_state_dict(_part(tensors, "clip."))
+        clip.load_state_dict(part(tensors, "clip."))
     else:
         clip, _, clip_losses = train_clip(clips, pixels, a.clip_steps, a.clip_batch, a.seed)
         before = {"clip_steps": a.clip_steps, "clip_batch": a.clip_batch, "projector_steps": 0,
@@ -339,9 +335,9 @@ def main() -> None:
     proj = model.model.multi_modal_projector
     adapters = add_lora(model)
     if a.resume:
-        proj.load_state_dict(_part(tensors, "projector."))
+        proj.load_state_dict(part(tensors, "projector."))
         for name, adapter in adapters.items():
-            adapter.load_state_dict(_part(tensors, f"lora.{name}."), strict=False)  # a and b; base is SmolLM2's
+            adapter.load_state_dict(part(tensors, f"lora.{name}."), strict=False)  # a and b; base is SmolLM2's
     else:
         align = align_projector(proj, feats, word_targets(clips, model.get_input_embeddings().weight, tok),
                                 a.align_steps, a.seed)
