@@ -351,7 +351,8 @@ def main() -> None:
             "projector_final_train_accuracy": float(np.mean(right[-50 * a.projector_batch:])),
             "minutes": {"clip": round((t1 - t0) / 60, 1), "projector": round((t2 - t1) / 60, 1)}, **CARD}
     if a.resume:
-        card["resumed_from"] = {"file": str(a.resume), "projector_steps": before["projector_steps"]}
+        card["resumed_from"] = {"file": str(a.resume), "projector_steps": before["projector_steps"],
+                                "clips": before["clips"]}  # stage 1 saw these; the resumed LLaVA stage --clips
     path = save(Path(a.out), clip, model, adapters, card)
     log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {json.dumps(card)}")
 
