@@ -8,7 +8,7 @@ import re
 import sys
 
 from . import prompt as prompts
-from .clitools import run_cli
+from .clitools import run_cli, stop_if_interrupted
 from .errors import BadInput, DoesNotFit
 from .units import parse_size
 
@@ -203,7 +203,7 @@ def _ask(a) -> int:
         s = rt.ask(video, q, stream=True, **kw)
         if a.json:
             for _ in s:
-                pass
+                stop_if_interrupted()
             ans = s.answer
             timings = dict(ans.timings)
             if i == 0:
@@ -215,6 +215,7 @@ def _ask(a) -> int:
                 print(f"Q: {q}\nA: ", end="", flush=True)
             for piece in s:
                 print(piece, end="", flush=True)
+                stop_if_interrupted()
             print(flush=True)
             ans = s.answer
             t = dict(ans.timings, **(video.timings if i == 0 else {}))

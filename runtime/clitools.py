@@ -9,11 +9,25 @@ import sys
 from .errors import SFEdgeError
 
 
-def run_cli(prog: str, main_fn) -> int:
-    def _term(signum, frame):
+_signals: list[int] = []  # SIGINT / SIGTERM received by this process
+
+
+def _interrupt(signum, frame):
+    _signals.append(signum)
+    raise KeyboardInterrupt
+
+
+def stop_if_interrupted() -> None:
+    """Raise KeyboardInterrupt again if a signal came: CPython swallows one raised while a finalizer runs (it prints
+    "Exception ignored in ..." and goes on), so a loop that must stop on Ctrl-C checks here as well."""
+    if _signals:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _term)
+
+def run_cli(prog: str, main_fn) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # left alone where the shell ignores it
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         return main_fn() or 0
     except SFEdgeError as e:

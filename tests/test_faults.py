@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -67,13 +68,15 @@ def _interrupt_an_answer(bundle) -> tuple[int, str]:
 
 
 def test_ctrl_c_during_an_answer_stops_cleanly(tiny_bundle):
-    # In one full-suite run (of four) the child finished its answers with exit code 0, as if the signal never came;
-    # alone, and after every suspect test, it is interrupted. The cause is not found: one retry, and a second miss
-    # fails with how this process holds SIGINT.
+    # In two full-suite runs (of six) the child finished its answers with exit code 0, as if the signal never came;
+    # alone, and after every suspect test, it is interrupted. One suspect: CPython swallows a KeyboardInterrupt
+    # raised inside a finalizer, which sf-run now guards against (clitools.stop_if_interrupted). One retry stays,
+    # as a warning with the first child's stderr in the summary; a second miss fails.
     for attempt in range(2):
         code, err = _interrupt_an_answer(tiny_bundle[0])
         if code != 0:
             break
+        warnings.warn(f"Ctrl-C lost by the child (attempt {attempt + 1}); its stderr ends: {err[-1500:]}")
     here = (f"pytest's SIGINT handler {signal.getsignal(signal.SIGINT)}, "
             f"blocked {signal.pthread_sigmask(signal.SIG_BLOCK, [])}")
     assert code == 130 and "sf-run: interrupted" in err and "Traceback" not in err, (attempt, here, err[-2000:])
