@@ -5,7 +5,8 @@ speed. The table in docs/benchmarks.md, "Accuracy after export".
 
     python -m sfedge.bench.eval_table OUT [--seeds 0-49] [--schemes imatrix,rtn,rtn-mixed,accurate,fp32]
 
-Bundles, data and each run's sf-eval folder are kept under OUT: a second call reuses what is there.
+Bundles, data, each run's sf-eval folder and the PyTorch original's answers (OUT/reference.jsonl, shared by every
+run on the same frames) are kept under OUT: a second call reuses what is there.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def main() -> None:
         folder = a.out / "runs" / name.replace(" ", "_").replace(",", "").replace("+", "").replace("-", "")
         if not (folder / "results.json").exists():
             folder.parent.mkdir(exist_ok=True)
-            reference = [] if "prompt-guided" in options else ["--reference", checkpoint]
+            reference = [] if "prompt-guided" in options else ["--reference", checkpoint, "--reference-cache",
+                                                                  a.out / "reference.jsonl"]
             _run(["sf-eval", a.out / f"bundle-{s}", "--data", data, "--out", folder, *reference, *options],
                  folder.with_suffix(".log"))
         summary = json.loads((folder / "results.json").read_text())["summary"]

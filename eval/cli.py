@@ -16,6 +16,7 @@ from sfedge.runtime.errors import BadInput
 
 from . import report
 from .data import by_video, load_questions
+from .reference_cache import ReferenceCache
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,6 +30,10 @@ def parser() -> argparse.ArgumentParser:
                         "letter); video paths relative to the file's folder")
     p.add_argument("--reference", metavar="CHECKPOINT",
                    help="the checkpoint the bundle was exported from (needs torch: the export extra)")
+    p.add_argument("--reference-cache", type=Path, metavar="FILE",
+                   help="keep the reference's answers in this JSON-lines file and reuse them: several bundles of one "
+                        "checkpoint are then compared with one run of the original (a different checkpoint, "
+                        "video, question or frames is a miss, never a stale answer)")
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--out", type=Path, help="write results.json, report.md and accuracy.png to this folder")
     p.add_argument("--frames", type=int, help="frames to sample (default: the bundle's, usually 50)")
@@ -53,6 +58,8 @@ def _main() -> int:
         raise BadInput("--limit must be at least 1")
     if a.max_new_tokens < 1:
         raise BadInput("--max-new-tokens must be at least 1")
+    if a.reference_cache and not a.reference:
+        raise BadInput("--reference-cache goes with --reference CHECKPOINT")
     if a.reference and a.pooling == "prompt-guided":
         raise BadInput("--reference compares SlowFast tokens: the PyTorch reference has no prompt-guided pooling")
     if a.out:  # refused before the run, not after it
@@ -73,10 +80,18 @@ def _main() -> int:
     settings["choice"] = choice = a.choice or rt.manifest["prompt"].get("choice", "letter")
     ref = None
     if a.reference:
-        from sfedge.eval.reference import Reference  # torch: only when asked for
+        def load_reference():
+            from sfedge.eval.reference import Reference  # torch: only when asked for
 
-        _err(f"[sf-eval] loading the reference {a.reference}")
-        ref = Reference(a.reference, rt.manifest)
+            _err(f"[sf-eval] loading the reference {a.reference}")
+            return Reference(a.reference, rt.manifest)
+
+        if a.reference_cache:
+            ref = ReferenceCache(a.reference_cache, a.reference, rt.manifest, load_reference)
+            _err(f"[sf-eval] reference cache {a.reference_cache}: {len(ref.answers)} answers"
+                 + (f", {ref.unreadable} unreadable lines ignored" if ref.unreadable else ""))
+        else:
+            ref = load_reference()
     rows = []
     for i, (video, group) in enumerate(videos, 1):
         _err(f"[{i}/{len(videos)}] video {video} ({len(group)} question{'s' * (len(group) != 1)})")
@@ -84,6 +99,8 @@ def _main() -> int:
     summary = report.summarize(rows, rt.manifest["fidelity"], reference=ref is not None, bundle=str(a.bundle),
                                data=str(a.data), reference_checkpoint=a.reference, settings=settings,
                                machine=machine())
+    if a.reference_cache:
+        _err(f"[sf-eval] reference cache: {ref.hits} of the reference's answers reused")
     print(report.table(summary), end="", flush=True)
     if a.out:
         for path in report.write(a.out, summary, rows):

@@ -205,7 +205,8 @@ REFERENCE = {"Which color?": ("Best option:(B) blue", [-3.1, -0.1, -4.0]),
 
 
 class FakeRuntime:
-    manifest = {"fidelity": FIDELITY, "prompt": {}}
+    manifest = {"fidelity": FIDELITY, "prompt": {}, "vision": {"image_size": [32, 32], "graphs": {}},
+                "aggregator": {"slow_frames": 4}}
     loads = []
 
     @classmethod
@@ -314,6 +315,35 @@ def test_cli_text_choice_scores_the_likeliest_option(clips, fakes, monkeypatch, 
     assert s["settings"]["choice"] == "text" and s["overall"]["accuracy"] == 1.0
     assert s["overall"]["reference"]["accuracy"] == 2 / 3  # question 4: the reference finds "small" likeliest
     assert "choice: the option whose text is the likeliest answer" in capsys.readouterr().out
+
+
+def test_reference_cache_runs_the_original_once_per_question(clips, fakes, monkeypatch, capsys):
+    ckpt, cache = clips / "ckpt", clips / "reference.jsonl"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    run = lambda out: _sf_eval(monkeypatch, "bundle", "--data", _data(clips), "--reference", ckpt,
+                               "--reference-cache", cache, "--out", clips / out)
+    assert run("first") == 0
+    assert len(FakeReference.made) == 1 and len(FakeReference.calls) == 3 and len(cache.read_text().splitlines()) == 3
+    FakeReference.made, FakeReference.calls = [], []
+    assert run("second") == 0  # another bundle of the same checkpoint: the original is not even loaded
+    assert FakeReference.made == [] and FakeReference.calls == []
+    assert "3 of the reference's answers reused" in capsys.readouterr().err
+    first, second = (json.loads((clips / o / "results.json").read_text())["questions"] for o in ("first", "second"))
+    assert [r.get("reference_logprobs") for r in first] == [r.get("reference_logprobs") for r in second]
+
+    # A line cut short by an interrupted run is ignored and said; new weights are a miss, never a stale answer.
+    cache.write_text(cache.read_text() + '{"key": "ab')
+    (ckpt / "model.safetensors").write_bytes(b"other weights")
+    assert run("third") == 0
+    assert len(FakeReference.calls) == 3 and "1 unreadable lines ignored" in capsys.readouterr().err
+    FakeReference.made, FakeReference.calls = [], []
+    assert run("fourth") == 0 and FakeReference.calls == []  # the answers after the cut line were kept whole
+
+
+def test_reference_cache_needs_a_reference(clips, fakes, monkeypatch, capsys):
+    assert _sf_eval(monkeypatch, "bundle", "--data", _data(clips), "--reference-cache", clips / "r.jsonl") == 2
+    assert "--reference-cache goes with --reference" in capsys.readouterr().err
 
 
 def test_cli_without_reference(clips, fakes, monkeypatch, capsys):
