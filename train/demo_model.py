@@ -351,8 +351,9 @@ def main() -> None:
             "projector_final_train_accuracy": float(np.mean(right[-50 * a.projector_batch:])),
             "minutes": {"clip": round((t1 - t0) / 60, 1), "projector": round((t2 - t1) / 60, 1)}, **CARD}
     if a.resume:
+        # the first run's clips and minutes stay; this run's are its own
         card["resumed_from"] = {"file": str(a.resume), "projector_steps": before["projector_steps"],
-                                "clips": before["clips"]}  # stage 1 saw these; the resumed LLaVA stage --clips
+                                "clips": before["clips"], "minutes": before["minutes"]}
     path = save(Path(a.out), clip, model, adapters, card)
     log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {json.dumps(card)}")
 
