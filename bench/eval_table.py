@@ -1,9 +1,9 @@
-"""The table to choose a scheme from: the demo model exported with each `--llm-quant` scheme (and an fp32 language
+"""The table to choose a scheme from: the demo model exported with each `--llm-quant` scheme (and an int8 and an fp32 language
 model), each vision variant, the question-aware modes and the letter choice, scored by sf-eval on held-out synthetic
 clips against the PyTorch original: accuracy, the needle category, flips, McNemar, option KL, top-1 agreement and
 speed. The table in docs/benchmarks.md, "Accuracy after export".
 
-    python -m sfedge.bench.eval_table OUT [--seeds 0-49] [--schemes imatrix,rtn,rtn-mixed,accurate,fp32]
+    python -m sfedge.bench.eval_table OUT [--seeds 0-49] [--schemes imatrix,rtn,rtn-mixed,accurate,int8,fp32]
 
 Bundles, data, each run's sf-eval folder and the PyTorch original's answers (OUT/reference.jsonl, shared by every
 run on the same frames) are kept under OUT: a second call reuses what is there.
@@ -19,11 +19,12 @@ from pathlib import Path
 from .probe import machine
 
 DEFAULT = "imatrix"
+PRECISIONS = ("int8", "fp32")  # a language model at this precision, not a 4-bit scheme
 
 
 def runs(schemes: list[str]) -> list[tuple[str, str, list[str]]]:
     """(name, bundle scheme, sf-eval options): every scheme at int8 vision, then the variants of the default."""
-    out = [(f"int8 vision, {'fp32' if s == 'fp32' else 'int4 ' + s} LM", s, ["--vision", "int8"]) for s in schemes]
+    out = [(f"int8 vision, {s if s in PRECISIONS else 'int4 ' + s} LM", s, ["--vision", "int8"]) for s in schemes]
     if DEFAULT in schemes:
         out += [(f"fp32 vision, int4 {DEFAULT} LM", DEFAULT, ["--vision", "fp32"]),
                 (f"fp16 vision, int4 {DEFAULT} LM", DEFAULT, ["--vision", "fp16"]),
@@ -46,7 +47,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m sfedge.bench.eval_table", description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
     p.add_argument("--seeds", default="0-49", help="held-out generator seeds (the demo trained on 100000 and up)")
-    p.add_argument("--schemes", default="imatrix,rtn,rtn-mixed,accurate,fp32")
+    p.add_argument("--schemes", default="imatrix,rtn,rtn-mixed,accurate,int8,fp32")
     a = p.parse_args()
     from sfedge.export.demo import build_demo
     from sfedge.train import synthetic
@@ -62,7 +63,7 @@ def main() -> None:
     for s in schemes:
         bundle = a.out / f"bundle-{s}"
         if not (bundle / "manifest.json").exists():
-            how = ["--llm-precision", "fp32"] if s == "fp32" else ["--llm-quant", s]
+            how = ["--llm-precision", s] if s in PRECISIONS else ["--llm-quant", s]
             # a scheme that misses the export's gate is still scored, and the table says it missed
             _run(["sf-export", "--demo", bundle, "--force", "--vision-variants", "fp32,fp16,int8",
                   "--allow-low-fidelity", *how], a.out / f"export-{s}.log")

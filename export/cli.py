@@ -82,9 +82,12 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
 
 def _llm_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("language model")
-    g.add_argument("--llm-precision", default="int4", choices=["int4", "fp32"])
+    g.add_argument("--llm-precision", default="int4", choices=["int4", "int8", "fp32"],
+                   help="int4 (default): 4-bit blocks in the --llm-quant scheme; int8: every MatMul in symmetric 8-bit "
+                        "blocks, twice int4's weight bytes, for when answers must match the original closely; fp32: "
+                        "unquantized")
     g.add_argument("--llm-quant", default="imatrix", choices=["rtn", "rtn-mixed", "imatrix", "accurate"],
-                   help="rtn: round-to-nearest, symmetric, every MatMul at 4 bits; rtn-mixed: the same with lm_head "
+                   help="the 4-bit format (int4 only). rtn: round-to-nearest, symmetric, every MatMul at 4 bits; rtn-mixed: the same with lm_head "
                         "and sensitive layers at 8 bits; imatrix (default): the format of rtn with each block's scale "
                         "searched on calibration prompts and visual tokens; accurate: affine blocks searched the "
                         "same way, lm_head at 8 bits (matches fp32 closely, decodes about half as fast)")

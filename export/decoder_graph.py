@@ -57,15 +57,19 @@ class DataFile:
 
 
 class Scheme:
-    """How each weight MatMul is written: `precision` int4 or fp32; for int4 the block format (symmetric, or
-    affine with its offset correction), which MatMuls go to 8 bits, and the importance search."""
+    """How each weight MatMul is written: `precision` int4, int8 (symmetric 8-bit blocks) or fp32; for int4 the
+    block format (symmetric, or affine with its offset correction), which MatMuls go to 8 bits, and the importance
+    search."""
 
     def __init__(self, precision: str, scheme: str, block: int, num_layers: int):
         self.precision, self.scheme, self.block, self.num_layers = precision, scheme, block, num_layers
 
     def bits(self, layer: int | None, proj: str) -> int:
-        """8 for lm_head in the affine and mixed schemes, and in the mixed scheme for the projections llama.cpp
-        finds sensitive (q/k/v and down of the first and last eighth and every third layer between); else 4."""
+        """8 everywhere for int8; for int4, 8 for lm_head in the affine and mixed schemes, and in the mixed scheme
+        for the projections llama.cpp finds sensitive (q/k/v and down of the first and last eighth and every third
+        layer between); else 4."""
+        if self.precision == "int8":
+            return 8
         if self.scheme == "accurate":
             return 8 if layer is None else 4
         if self.scheme != "rtn-mixed":

@@ -30,6 +30,7 @@ QUANT_SCHEMES = {
     "accurate": "affine 4-bit blocks searched against the importance of their inputs, lm_head at 8 bits",
 }
 SEARCHED = ("imatrix", "accurate")
+PRECISIONS = ("int4", "int8", "fp32")  # the schemes above are int4's; int8 is symmetric 8-bit blocks throughout
 
 
 def dims(config) -> dict:
@@ -88,7 +89,7 @@ def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision
         exported[:] = layers.layer(i, exported)
 
     log(f"language model: {d['num_layers']} layers, each calibrated on {sum(len(s) for s in samples)} tokens, "
-        f"quantized ({precision}, {scheme}), written, and checked on {sum(len(c.ref) for c in checks)} tokens in "
+        f"quantized ({precision}{', ' + scheme if precision == 'int4' else ''}), written, and checked on {sum(len(c.ref) for c in checks)} tokens in "
         f"PyTorch fp32 and ONNX Runtime")
     progress = bar("language model", d["num_layers"]) if bar else None
     try:
@@ -124,8 +125,11 @@ def _prefill_fields(kv_scales: dict | None, int8_prefill: bool) -> dict:
 
 
 def _record(precision: str, scheme: str, block_size: int, counts: dict, samples: list) -> dict | None:
-    if precision != "int4":
+    if precision == "fp32":
         return None
+    if precision == "int8":
+        return {"method": "MatMulNBits", "bits": 8, "block_size": block_size, "scheme": "rtn", "symmetric": True,
+                "lm_head_bits": 8, "matmuls": {k: v for k, v in counts.items() if v}}
     record = {"method": "MatMulNBits", "bits": 4, "block_size": block_size, "scheme": scheme,
               "symmetric": scheme != "accurate", "lm_head_bits": 4 if scheme in ("rtn", "imatrix") else 8,
               "matmuls": {k: v for k, v in counts.items() if v}}

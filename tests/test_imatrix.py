@@ -146,6 +146,14 @@ def test_mixed_scheme_puts_lm_head_and_the_sensitive_layers_at_8_bits():
     assert Scheme("int4", "imatrix", 32, 16).bits(None, "lm_head") == 4
 
 
+def test_int8_language_model_is_8_bit_blocks_throughout_and_close_to_pytorch(make_checkpoint, tmp_path):
+    m = export_tiny(make_checkpoint(), tmp_path / "b", llm_precision="int8")
+    q, fid = m["llm"]["quantization"], m["fidelity"]["llm"]
+    assert m["llm"]["precision"] == "int8" and "prefill_graph" not in m["llm"]  # the int8 twin is for int4
+    assert q["bits"] == 8 and q["symmetric"] and q["matmuls"] == {"8-bit": 2 * 5 + 1}
+    assert fid["passed"] and fid["teacher_forced"]["mean_cosine"] >= 0.999, fid["measured"]
+
+
 @pytest.mark.parametrize("text,scheme", [("llama", "accurate"), ("qwen2", "accurate"), ("qwen2", "imatrix")])
 def test_tiny_checkpoints_export_with_the_imatrix_schemes(make_checkpoint, tmp_path, text, scheme):
     m = export_tiny(make_checkpoint(text=text), tmp_path / "b", llm_precision="int4", llm_quant=scheme,
