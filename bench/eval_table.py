@@ -1,7 +1,7 @@
-"""The table to choose a scheme from: the demo model exported with each `--llm-quant` scheme (and an int8 and an fp32 language
-model), each vision variant, the question-aware modes and the letter choice, scored by sf-eval on held-out synthetic
-clips against the PyTorch original: accuracy, the needle category, flips, McNemar, option KL, top-1 agreement and
-speed. The table in docs/benchmarks.md, "Accuracy after export".
+"""The table to choose a scheme from: the demo model exported with each `--llm-quant` scheme (and with an int8 and
+an fp32 language model), each vision variant, the question-aware modes and the letter choice, scored by sf-eval on
+held-out synthetic clips against the PyTorch original: accuracy, the needle category, flips, McNemar, option KL,
+top-1 agreement and speed. The table in docs/benchmarks.md, "Accuracy after export".
 
     python -m sfedge.bench.eval_table OUT [--seeds 0-49] [--schemes imatrix,rtn,rtn-mixed,accurate,int8,fp32]
 

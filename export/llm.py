@@ -88,9 +88,10 @@ def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision
         run("reference")
         exported[:] = layers.layer(i, exported)
 
+    how = f"{precision}, {scheme}" if precision == "int4" else precision
     log(f"language model: {d['num_layers']} layers, each calibrated on {sum(len(s) for s in samples)} tokens, "
-        f"quantized ({precision}{', ' + scheme if precision == 'int4' else ''}), written, and checked on {sum(len(c.ref) for c in checks)} tokens in "
-        f"PyTorch fp32 and ONNX Runtime")
+        f"quantized ({how}), written, and checked on {sum(len(c.ref) for c in checks)} tokens in PyTorch fp32 and "
+        f"ONNX Runtime")
     progress = bar("language model", d["num_layers"]) if bar else None
     try:
         finals = stream.forward({"calibration": samples, "reference": [c.ref for c in checks]}, layer, progress)
