@@ -88,6 +88,7 @@ def plan_parser(sub) -> None:
     g.add_argument("--slow-frames", type=int, help="slow-pathway frames (default 10)")
     g.add_argument("--slow-pool", choices=SLOW_POOLS, help="default max1d")
     g.add_argument("--fast-grid", type=_grid, help="fast-pathway grid per frame, HxW (default 4x4)")
+    g.add_argument("--llm-precision", choices=["int4", "int8"], help="the language model's weights (default int4)")
     g.add_argument("--block-size", type=int, choices=[32, 64, 128], help="4-bit block size (default 32)")
     g.add_argument("--embeddings", choices=list(EMBED_WIDTH), help="embedding table dtype (default float16)")
     g.add_argument("--kv-cache", choices=["float32", "int8"], help="KV-cache precision (default float32)")
@@ -383,7 +384,8 @@ def _plan_manifest(a) -> dict:
     from .question_aware import check_modes
 
     export_options = {"frames": a.frames, "slow_frames": a.slow_frames, "slow_pool": a.slow_pool,
-                      "fast_grid": a.fast_grid, "block_size": a.block_size, "embeddings": a.embeddings,
+                      "fast_grid": a.fast_grid, "llm_precision": a.llm_precision, "block_size": a.block_size,
+                      "embeddings": a.embeddings,
                       "kv_cache": a.kv_cache, "prefill": a.prefill}
     folder, record = hub.resolve(a.bundle, a.revision, file="config.json")
     if (folder / manifest_io.MANIFEST).is_file():

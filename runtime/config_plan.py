@@ -73,7 +73,8 @@ def read_config(folder: Path) -> dict:
 
 
 def manifest_from_config(config: dict, *, frames: int = 50, slow_frames: int = 10, slow_pool: str = "max1d",
-                         fast_grid: tuple = (4, 4), block_size: int = 32, embeddings: str = "float16",
+                         fast_grid: tuple = (4, 4), llm_precision: str = "int4", block_size: int = 32,
+                         embeddings: str = "float16",
                          kv_cache: str = "float32", prefill: str = "auto", tokenizer_bytes: int | None = None,
                          where: str = "config.json") -> dict:
     """The manifest sf-export would write for this config with these options (sf-export's defaults), its artifacts'
@@ -81,9 +82,10 @@ def manifest_from_config(config: dict, *, frames: int = 50, slow_frames: int = 1
     if frames < 1 or slow_frames < 1 or min(fast_grid) < 1:
         raise BadInput("--frames, --slow-frames and --fast-grid must be positive")
     if slow_pool not in SLOW_POOLS or block_size not in (32, 64, 128) or embeddings not in EMBED_WIDTH \
-            or kv_cache not in ("float32", "int8") or prefill not in ("auto", "int8", "none"):
-        raise BadInput(f"--slow-pool {'|'.join(SLOW_POOLS)}, --block-size 32|64|128, --embeddings "
-                       f"{'|'.join(EMBED_WIDTH)}, --kv-cache float32|int8, --prefill auto|int8|none")
+            or kv_cache not in ("float32", "int8") or prefill not in ("auto", "int8", "none") \
+            or llm_precision not in ("int4", "int8"):
+        raise BadInput(f"--slow-pool {'|'.join(SLOW_POOLS)}, --llm-precision int4|int8, --block-size 32|64|128, "
+                       f"--embeddings {'|'.join(EMBED_WIDTH)}, --kv-cache float32|int8, --prefill auto|int8|none")
     arch = next((a for a in config.get("architectures") or [] if a in SUPPORTED), None)
     if arch is None:
         raise BadCheckpoint(f"{where}: architecture {', '.join(config.get('architectures') or ['none'])} is not "
@@ -94,7 +96,7 @@ def manifest_from_config(config: dict, *, frames: int = 50, slow_frames: int = 1
     strategy = config.get("vision_feature_select_strategy", strategy)
     vision = _vision(tower, layer, strategy, text["hidden_size"], config.get("multimodal_projector_bias", True),
                      where)
-    llm, llm_files = _llm(text, block_size, embeddings, kv_cache, prefill)
+    llm, llm_files = _llm(text, llm_precision, block_size, embeddings, kv_cache, prefill)
     vocab = text["vocab_size"]
     artifacts = {**{rel: {"size": size} for rel, size in llm_files.items()},
                  **{rel: {"size": size} for rel, size in vision.pop("_sizes").items()},
@@ -170,9 +172,9 @@ def _tower_params(tower: dict, grid: int, clip: bool, layers: int, projector_in:
     return {"all": matmul + rest, "matmul": matmul, "channels": layers * (4 * d + inter + d) + 2 * width}
 
 
-def int4_bytes(k: int, n: int, block_size: int) -> int:
-    """One K x N MatMulNBits weight: 4-bit codes and an fp32 scale per block of K (the last block padded)."""
-    return n * -(-k // block_size) * (block_size // 2 + 4)
+def nbits_bytes(k: int, n: int, block_size: int, bits: int) -> int:
+    """One K x N MatMulNBits weight: 4- or 8-bit codes and an fp32 scale per block of K (the last block padded)."""
+    return n * -(-k // block_size) * (block_size * bits // 8 + 4)
 
 
 # An int8 prefill twin is a second copy of the decoder's weights at 8 bits, on disk and in memory. sf-export writes
@@ -197,17 +199,19 @@ def wants_int8_twin(prefill: str, llm: dict) -> bool:
     return prefill == "int8" or (prefill == "auto" and int8_twin_bytes(llm) <= TWIN_MAX_BYTES)
 
 
-def _llm(text: dict, block_size: int, embeddings: str, kv_cache: str, prefill: str) -> tuple[dict, dict]:
+def _llm(text: dict, precision: str, block_size: int, embeddings: str, kv_cache: str,
+         prefill: str) -> tuple[dict, dict]:
     """The manifest's llm section and its files' sizes."""
+    bits = 8 if precision == "int8" else 4
+    nbits = lambda k, n: nbits_bytes(k, n, block_size, bits)
     h, inter, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
     heads, kv, hd, vocab = (text["num_attention_heads"], text["num_key_value_heads"], text["head_dim"],
                             text["vocab_size"])
     qkv = (heads + 2 * kv) * hd
-    per_layer = (int4_bytes(h, qkv, block_size) + int4_bytes(heads * hd, h, block_size)
-                 + 2 * int4_bytes(h, inter, block_size) + int4_bytes(inter, h, block_size)
+    per_layer = (nbits(h, qkv) + nbits(heads * hd, h) + 2 * nbits(h, inter) + nbits(inter, h)
                  + 4 * 2 * h  # the two RMS norms
                  + (4 * qkv if text["model_type"] == "qwen2" or text.get("attention_bias") else 0))
-    weights = (layers * per_layer + int4_bytes(h, vocab, block_size) + 4 * h  # lm_head, final norm
+    weights = (layers * per_layer + nbits(h, vocab) + 4 * h  # lm_head, final norm
                + 2 * 4 * text["max_position_embeddings"] * (hd // 2))  # rotary cos and sin tables
     table = NPY_HEADER + vocab * h * EMBED_WIDTH[embeddings]
     embed_files = ({"table": "llm/embed.int8.npy", "scale": "llm/embed.scale.npy"} if embeddings == "int8"
@@ -216,14 +220,14 @@ def _llm(text: dict, block_size: int, embeddings: str, kv_cache: str, prefill: s
              embed_files["table"]: table}
     if embeddings == "int8":
         files[embed_files["scale"]] = NPY_HEADER + 4 * vocab
-    llm = {"graph": "llm/model.onnx", "external_data": ["llm/model.onnx.data"], "precision": "int4",
+    llm = {"graph": "llm/model.onnx", "external_data": ["llm/model.onnx.data"], "precision": precision,
            "num_layers": layers, "num_heads": heads, "num_kv_heads": kv, "head_dim": hd, "hidden_size": h,
            "intermediate_size": inter, "vocab_size": vocab, "max_context": text["max_position_embeddings"],
            "embeddings": {"dtype": embeddings, "files": embed_files}, "kv_dtype": kv_cache,
-           "quantization": {"method": "MatMulNBits", "bits": 4, "block_size": block_size, "symmetric": True}}
+           "quantization": {"method": "MatMulNBits", "bits": bits, "block_size": block_size, "symmetric": True}}
     if kv_cache == "int8":
         llm["prefill_graph"] = "llm/prefill.onnx"  # the fp32-KV twin on the same weights file
-    if wants_int8_twin(prefill, llm):
+    if precision == "int4" and wants_int8_twin(prefill, llm):  # the twin is int4's (as sf-export)
         llm.update(prefill_graph="llm/prefill.onnx", prefill_weights="int8",
                    prefill_external_data=["llm/prefill.onnx.data"])
         files.update({"llm/prefill.onnx": LLM_GRAPH_PER_LAYER * layers, "llm/prefill.onnx.data": int8_twin_bytes(llm)})

@@ -39,8 +39,8 @@ def next_video_7b(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("text", ["llama", "qwen2"])
-def test_plan_from_config_matches_the_exported_bundle(make_checkpoint, tmp_path, text):
+@pytest.mark.parametrize("text,precision", [("llama", "int4"), ("qwen2", "int4"), ("llama", "int8")])
+def test_plan_from_config_matches_the_exported_bundle(make_checkpoint, tmp_path, text, precision):
     """Tiny models' graphs are mostly ONNX structure (a 30K-parameter tower in a 322 KB graph), so the comparison
     is of what structure does not dominate: the 4-bit language model's weights within 5% (the tensors are the
     predicted bytes exactly; the writer page-aligns each in model.onnx.data, 2.6% here, under 0.1% for a 7B), the
@@ -48,13 +48,14 @@ def test_plan_from_config_matches_the_exported_bundle(make_checkpoint, tmp_path,
     per-layer structure allowance is measured on a ViT-B/16 (within 0.2% there) and undercounts a 32-wide tower's
     graph by ~25%."""
     ckpt = make_checkpoint(text=text)
-    bundle = export_tiny(ckpt, tmp_path / "b", llm_precision="int4", embeddings="float16", allow_low_fidelity=True)
+    bundle = export_tiny(ckpt, tmp_path / "b", llm_precision=precision, embeddings="float16", allow_low_fidelity=True)
     agg = bundle["aggregator"]
     predicted = manifest_from_config(read_config(ckpt), frames=agg["num_frames"], slow_frames=agg["slow_frames"],
-                                     tokenizer_bytes=(ckpt / "tokenizer.json").stat().st_size)
+                                     llm_precision=precision, tokenizer_bytes=(ckpt / "tokenizer.json").stat().st_size)
     got, want = make_plan(predicted), make_plan(bundle)
     assert list(got.parts) == list(want.parts)
-    weights = "llm weights (int4, with its prefill twin)"  # the int8 twin: written by default for small models
+    # the int8 twin of a 4-bit model: written by default for small models
+    weights = "llm weights (int4, with its prefill twin)" if precision == "int4" else "llm weights (int8)"
     assert got.parts[weights] == pytest.approx(want.parts[weights], rel=0.05)
     for part in ("embedding table", "kv cache", "video frames + tokens", "tokenizer", "runtime"):
         assert got.parts[part] == pytest.approx(want.parts[part], rel=0.01), part
@@ -109,6 +110,9 @@ def test_7b_llm_bytes_are_4bit_codes_and_fp32_block_scales():
     assert m["artifacts"]["llm/embed.fp16.npy"]["size"] == 128 + 2 * 32064 * 4096
     blocks128 = manifest_from_config(NEXT_VIDEO_7B, block_size=128)["artifacts"]["llm/model.onnx.data"]["size"]
     assert blocks128 == linear // 2 + 4 * linear // 128 + rotary + norms
+    int8 = manifest_from_config(NEXT_VIDEO_7B, llm_precision="int8", prefill="int8")
+    assert int8["artifacts"]["llm/model.onnx.data"]["size"] == linear + 4 * linear // 32 + rotary + norms
+    assert int8["llm"]["quantization"]["bits"] == 8 and "prefill_graph" not in int8["llm"]  # no twin for int8
     v = m["vision"]
     assert v["patch_grid"] == [24, 24] and v["tokens_per_frame"] == 576 and v["hidden_size"] == 4096
     # A 7B's int8 prefill twin (6.5 GB) is asked for, not written by default: int8 weights, a scale and a zero
