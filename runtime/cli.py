@@ -385,8 +385,7 @@ def _plan_manifest(a) -> dict:
 
     export_options = {"frames": a.frames, "slow_frames": a.slow_frames, "slow_pool": a.slow_pool,
                       "fast_grid": a.fast_grid, "llm_precision": a.llm_precision, "block_size": a.block_size,
-                      "embeddings": a.embeddings,
-                      "kv_cache": a.kv_cache, "prefill": a.prefill}
+                      "embeddings": a.embeddings, "kv_cache": a.kv_cache, "prefill": a.prefill}
     folder, record = hub.resolve(a.bundle, a.revision, file="config.json")
     if (folder / manifest_io.MANIFEST).is_file():
         fixed = [f"--{k.replace('_', '-')}" for k, v in export_options.items() if v is not None and k != "frames"]
