@@ -79,7 +79,8 @@ class Options:
         if self.num_frames < 1 or self.slow_frames < 1 or min(self.fast_grid) < 1:
             raise BadInput("--frames, --slow-frames and --fast-grid must be positive")
         if self.llm_precision not in llm.PRECISIONS or self.llm_quant not in llm.QUANT_SCHEMES:
-            raise BadInput(f"--llm-precision {'|'.join(llm.PRECISIONS)} and --llm-quant {'|'.join(llm.QUANT_SCHEMES)}")
+            raise BadInput(f"--llm-precision {'|'.join(llm.PRECISIONS)} and "
+                           f"--llm-quant {'|'.join(llm.QUANT_SCHEMES)}")
         if self.block_size not in (32, 64, 128):
             raise BadInput("--block-size must be 32, 64 or 128")
         if self.kv_cache not in ("float32", "int8"):

@@ -88,9 +88,10 @@ def _llm_options(p: argparse.ArgumentParser) -> None:
                         "unquantized")
     g.add_argument("--llm-quant", default="imatrix", choices=["rtn", "rtn-mixed", "imatrix", "accurate"],
                    help="the 4-bit format (int4 only). rtn: round-to-nearest, symmetric, every MatMul at 4 bits; "
-                        "rtn-mixed: the same with lm_head and sensitive layers at 8 bits; imatrix (default): the format of rtn with each block's scale "
-                        "searched on calibration prompts and visual tokens; accurate: affine blocks searched the "
-                        "same way, lm_head at 8 bits (matches fp32 closely, decodes about half as fast)")
+                        "rtn-mixed: the same with lm_head and sensitive layers at 8 bits; imatrix (default): the "
+                        "format of rtn with each block's scale searched on calibration prompts and visual tokens; "
+                        "accurate: affine blocks searched the same way, lm_head at 8 bits (exact on weights already "
+                        "in llama.cpp's Q4_1 grid, as SmolLM2's; decodes about half as fast)")
     g.add_argument("--block-size", type=int, default=32, choices=[32, 64, 128],
                    help="4-bit block size (default 32)")
     g.add_argument("--embeddings", default="float16", choices=["float16", "float32", "int8"],
