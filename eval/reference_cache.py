@@ -56,7 +56,8 @@ class ReferenceCache:
 
     def answer(self, video: Path, question: str, options: list, slow_frames: list, fast_frames: list,
                max_new_tokens: int, choice: str = "letter") -> tuple[str, list]:
-        key = self._key(video, question, options, slow_frames, fast_frames, max_new_tokens, choice)
+        key = self._key(video, question, options, [int(f) for f in slow_frames], [int(f) for f in fast_frames],
+                        max_new_tokens, choice)  # frame indices may come as numpy integers
         if key in self.answers:
             self.hits += 1
             return self.answers[key]
