@@ -14,7 +14,7 @@ from .stats import peak_mb, ratio, summarize
 from .workloads import CACHE, QA_MODES, batch_footage, bikes_video
 
 SHORT, VISUAL, QUESTION = 30, 3680, 30
-LLM_BACKENDS = ("ours", "transformers-fp32", "bnb-nf4", "llama.cpp Q4_0", "llama.cpp Q4_K_M")
+LLM_BACKENDS = ("ours", "transformers-fp32", "bnb-nf4", "llama.cpp Q4_0", "llama.cpp Q4_K_M", "llama.cpp Q8_0")
 VISION_BACKENDS = ("pytorch", "fp32", "fp16", "int8")
 SCALE_FRAMES = (8, 16, 32, 50, 100, 200)
 SCALE_STAGES = ("decode", "encode", "aggregate", "prefill", "generate")
