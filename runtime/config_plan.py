@@ -74,9 +74,8 @@ def read_config(folder: Path) -> dict:
 
 def manifest_from_config(config: dict, *, frames: int = 50, slow_frames: int = 10, slow_pool: str = "max1d",
                          fast_grid: tuple = (4, 4), llm_precision: str = "int4", block_size: int = 32,
-                         embeddings: str = "float16",
-                         kv_cache: str = "float32", prefill: str = "auto", tokenizer_bytes: int | None = None,
-                         where: str = "config.json") -> dict:
+                         embeddings: str = "float16", kv_cache: str = "float32", prefill: str = "auto",
+                         tokenizer_bytes: int | None = None, where: str = "config.json") -> dict:
     """The manifest sf-export would write for this config with these options (sf-export's defaults), its artifacts'
     sizes predicted. `tokenizer_bytes`: tokenizer.json's size if known; `where` names the config in errors."""
     if frames < 1 or slow_frames < 1 or min(fast_grid) < 1:
