@@ -88,10 +88,9 @@ def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision
         run("reference")
         exported[:] = layers.layer(i, exported)
 
-    how = f"{precision}, {scheme}" if precision == "int4" else precision
     log(f"language model: {d['num_layers']} layers, each calibrated on {sum(len(s) for s in samples)} tokens, "
-        f"quantized ({how}), written, and checked on {sum(len(c.ref) for c in checks)} tokens in PyTorch fp32 and "
-        f"ONNX Runtime")
+        f"quantized ({_label(precision, scheme)}), written, and checked on {sum(len(c.ref) for c in checks)} tokens "
+        f"in PyTorch fp32 and ONNX Runtime")
     progress = bar("language model", d["num_layers"]) if bar else None
     try:
         finals = stream.forward({"calibration": samples, "reference": [c.ref for c in checks]}, layer, progress)
@@ -125,15 +124,21 @@ def _prefill_fields(kv_scales: dict | None, int8_prefill: bool) -> dict:
     return fields
 
 
+def _label(precision: str, scheme: str) -> str:
+    """The schemes are int4's: "int4, imatrix", "int8", "fp32"."""
+    return f"{precision}, {scheme}" if precision == "int4" else precision
+
+
 def _record(precision: str, scheme: str, block_size: int, counts: dict, samples: list) -> dict | None:
     if precision == "fp32":
         return None
+    matmuls = {k: v for k, v in counts.items() if v}
     if precision == "int8":
         return {"method": "MatMulNBits", "bits": 8, "block_size": block_size, "scheme": "rtn", "symmetric": True,
-                "lm_head_bits": 8, "matmuls": {k: v for k, v in counts.items() if v}}
+                "lm_head_bits": 8, "matmuls": matmuls}
     record = {"method": "MatMulNBits", "bits": 4, "block_size": block_size, "scheme": scheme,
               "symmetric": scheme != "accurate", "lm_head_bits": 4 if scheme in ("rtn", "imatrix") else 8,
-              "matmuls": {k: v for k, v in counts.items() if v}}
+              "matmuls": matmuls}
     if scheme in SEARCHED:
         record["calibration"] = {"samples": len(samples), "tokens": int(sum(len(s) for s in samples))}
     if scheme == "accurate":
