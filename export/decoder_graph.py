@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 
 from sfedge.runtime.errors import BadCheckpoint
 
-from . import imatrix
+from . import gptq, imatrix
 
 OPSET = 22
 ALIGN = 4096  # ONNX Runtime memory-maps external data; page-aligned tensors map without a copy
@@ -131,8 +131,11 @@ class MatMuls:
                       f"{name}/Offsets")
             self.node("Add", [f"{out}/codes", f"{out}/offsets"], [out], f"{name}/AddOffsets")
         else:
-            search = s.scheme != "rtn" and s.scheme != "rtn-mixed"
-            q, d = imatrix.symmetric4_blocks(w, imp if search else None, s.block, search=search)
+            if s.scheme == "gptq":  # `imp` is the inputs' whole second moment here
+                q, d = gptq.symmetric4(w, imp, s.block)
+            else:
+                search = s.scheme != "rtn" and s.scheme != "rtn-mixed"
+                q, d = imatrix.symmetric4_blocks(w, imp if search else None, s.block, search=search)
             self._nbits(x, name, out, q, d, 4, 4, w.shape[1])
 
     def _nbits(self, x, name, out, codes, scales, bits, level, k) -> None:

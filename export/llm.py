@@ -11,11 +11,11 @@ import torch
 
 from sfedge.runtime.embeddings import Embeddings
 
-from . import llm_fidelity
+from . import gptq, llm_fidelity
 from .decoder_graph import DecoderGraph, Scheme
 from .graph_layers import GraphLayers
 from .imatrix import quantize_rows
-from .streamed import LayerStream, calibration, chunks, mean_square
+from .streamed import LayerStream, calibration, chunks, second_moment
 
 QUANT_SCHEMES = {
     # Measured on SmolLM2-135M, perplexity relative to fp32 PyTorch on 2,048 tokens of the GPL-3 text (llama.cpp
@@ -28,8 +28,11 @@ QUANT_SCHEMES = {
     # Affine blocks searched against calibration activations, lm_head at 8 bits: close to fp32, half the decode
     # speed.
     "accurate": "affine 4-bit blocks searched against the importance of their inputs, lm_head at 8 bits",
+    # The bytes and kernel of "imatrix"; rounding errors compensated through the inputs' second moment (gptq.py).
+    "gptq": "imatrix's blocks, each weight's rounding error compensated on the weights not yet rounded (GPTQ)",
 }
-SEARCHED = ("imatrix", "accurate")
+SEARCHED = ("imatrix", "accurate", "gptq")  # calibrated schemes
+CALIBRATION_PROSE = 2048  # tokens of technical prose beside the chat prompts and visual tokens
 PRECISIONS = ("int4", "int8", "fp32")  # the schemes above are int4's; int8 is symmetric 8-bit blocks throughout
 
 
@@ -43,12 +46,16 @@ def dims(config) -> dict:
 
 
 def calibration_samples(table: torch.Tensor, tokenizer, visual_tokens: np.ndarray | None) -> list[np.ndarray]:
-    """Embeddings of the chat prompts and, when given, of real visual tokens: text-only calibration is what broke
-    other toolkits' int4 LLaVA. (The English prose is kept out: it is the perplexity test.)"""
+    """Embeddings of the chat prompts, of CALIBRATION_PROSE tokens of technical prose (a few prompts alone leave a K-wide
+    layer's statistics rank-deficient: GPTQ then fits them and errs off them) and, when given, of real visual
+    tokens: text-only calibration is what broke other toolkits' int4 LLaVA. (The English prose is kept out: it is
+    the perplexity test.)"""
     from sfedge import calibration
 
-    samples = [table[tokenizer(p, add_special_tokens=False)["input_ids"]].numpy() for p in calibration.prompts()]
-    return samples + ([visual_tokens.astype(np.float32)] if visual_tokens is not None else [])
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    texts = [ids(p) for p in calibration.prompts()] + calibration.prose(ids, CALIBRATION_PROSE)
+    return [table[t].numpy() for t in texts] + ([visual_tokens.astype(np.float32)] if visual_tokens is not None
+                                                 else [])
 
 
 def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision="int4", block_size=32,
@@ -65,6 +72,7 @@ def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision
     table = stream.embeddings()
     embeddings = write_embeddings(table.numpy(), dst, embed_dtype)
     searched, kv_int8 = precision == "int4" and scheme in SEARCHED, kv_cache == "int8"
+    hessian = searched and scheme == "gptq"  # the inputs' whole second moment, not its diagonal
     samples = chunks(calibration_samples(table, tokenizer, visual_tokens)) if searched or kv_int8 else []
     checks = llm_fidelity.sequences(tokenizer, prompt, table, Embeddings(bundle, embeddings), text_tokens,
                                     visual_tokens)
@@ -78,13 +86,13 @@ def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision
     scales = {"k_scales": [], "v_scales": []}
 
     def layer(i, module, run):
-        with calibration(stream, module) as stats:
+        with calibration(stream, module, hessian) as stats:
             run("calibration")
         kv = tuple(max(m, 1e-6) / 127 for m in stats["kv_max"]) if kv_int8 else None
         if kv:
             scales["k_scales"].append(kv[0]), scales["v_scales"].append(kv[1])
         graph.layer(i, {k: v.numpy() for k, v in module.state_dict().items()},
-                    stats["importance"] if searched else None, kv)
+                    stats["hessian" if hessian else "importance"] if searched else None, kv)
         run("reference")
         exported[:] = layers.layer(i, exported)
 
@@ -95,7 +103,7 @@ def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision
     try:
         finals = stream.forward({"calibration": samples, "reference": [c.ref for c in checks]}, layer, progress)
         head = stream.lm_head()
-        lm_head_imp = mean_square(torch.cat(finals["calibration"])) if searched else None
+        lm_head_imp = second_moment(torch.cat(finals["calibration"]), hessian) if searched else None
         graph.finish(stream.shards.get(f"{stream.prefix}norm.weight").numpy(), head.numpy(), lm_head_imp)
         figures = llm_fidelity.compare(checks, finals["reference"], head, exported, layers.head())
     finally:
@@ -137,12 +145,14 @@ def _record(precision: str, scheme: str, block_size: int, counts: dict, samples:
         return {"method": "MatMulNBits", "bits": 8, "block_size": block_size, "scheme": "rtn", "symmetric": True,
                 "lm_head_bits": 8, "matmuls": matmuls}
     record = {"method": "MatMulNBits", "bits": 4, "block_size": block_size, "scheme": scheme,
-              "symmetric": scheme != "accurate", "lm_head_bits": 4 if scheme in ("rtn", "imatrix") else 8,
+              "symmetric": scheme != "accurate", "lm_head_bits": 8 if scheme in ("rtn-mixed", "accurate") else 4,
               "matmuls": matmuls}
     if scheme in SEARCHED:
         record["calibration"] = {"samples": len(samples), "tokens": int(sum(len(s) for s in samples))}
     if scheme == "accurate":
         record["offsets"] = "float per block (a correction MatMul)"
+    if scheme == "gptq":
+        record["gptq"] = {"damp": gptq.DAMP, "columns_per_update": gptq.WIDTH}
     return record
 
 

@@ -107,18 +107,21 @@ class LayerStream:
 
 
 @contextlib.contextmanager
-def calibration(stream: LayerStream, module: torch.nn.Module):
+def calibration(stream: LayerStream, module: torch.nn.Module, hessian: bool = False):
     """Statistics of the runs inside the block on decoder layer `module`: the mean square of each MatMul input's
     channels (the importance the 4-bit search weighs errors by, as llama.cpp's imatrix; keyed "qkv", "o",
-    "gate_up", "down") and the absmax of its keys after RoPE and of its values (the int8 KV cache's scales).
-    Yields a dict filled in when the block ends: "importance" and "kv_max"."""
-    sums, kv_max, count, stats = {}, [0.0, 0.0], [0], {}
+    "gate_up", "down"), with `hessian` their whole second moment E[x x^T] (GPTQ's), and the absmax of its keys
+    after RoPE and of its values (the int8 KV cache's scales). Yields a dict filled in when the block ends:
+    "importance", "hessian" (or None) and "kv_max"."""
+    sums, products, kv_max, count, stats = {}, {}, [0.0, 0.0], [0], {}
     head_dim = module.self_attn.head_dim
 
     def square(key):
         def hook(_, args, __):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[key] = sums.get(key, 0) + (x * x).sum(0)
+            x = args[0].reshape(-1, args[0].shape[-1])
+            sums[key] = sums.get(key, 0) + (x.double() ** 2).sum(0)
+            if hessian:
+                products[key] = products.get(key, 0) + (x.T @ x).double()
             count[0] += len(x) if key == "qkv" else 0
         return hook
 
@@ -139,7 +142,8 @@ def calibration(stream: LayerStream, module: torch.nn.Module):
     finally:
         for h in handles:
             h.remove()
-    stats["importance"] = {k: (v / max(count[0], 1)).numpy() for k, v in sums.items()} if count[0] else None
+    mean = lambda d: {k: (v / count[0]).numpy() for k, v in d.items()} if count[0] else None
+    stats["importance"], stats["hessian"] = mean(sums), mean(products) if hessian else None
     stats["kv_max"] = tuple(kv_max)
 
 
@@ -154,9 +158,10 @@ def chunks(samples: list[np.ndarray]) -> list[torch.Tensor]:
             for s in samples for i in range(0, len(s), SAMPLE_TOKENS)]
 
 
-def mean_square(x: torch.Tensor) -> np.ndarray:
+def second_moment(x: torch.Tensor, full: bool = False) -> np.ndarray:
+    """Per channel E[x^2] (the importance); with `full`, the whole E[x x^T] (GPTQ's Hessian)."""
     x = x.reshape(-1, x.shape[-1]).double()
-    return ((x * x).sum(0) / max(len(x), 1)).numpy()
+    return ((x.T @ x if full else (x * x).sum(0)) / max(len(x), 1)).numpy()
 
 
 def causal_lm_folder(stream: LayerStream, out: Path) -> Path:
