@@ -177,7 +177,7 @@ def test_gptq_errs_less_than_the_imatrix_search_on_unseen_inputs(k):
         return np.linalg.norm(unseen @ (got - w).T) / np.linalg.norm(unseen @ w.T)
 
     searched = output_error(*imatrix.symmetric4_blocks(w, np.diag(h), 32))
-    assert output_error(q, d) < 0.5 * searched  # measured: 0.28x
+    assert output_error(q, d) < 0.5 * searched  # about 0.2x
     assert np.isfinite(d).all()
 
 
