@@ -289,7 +289,14 @@ def _language_model(ckpt, bundle: Path, work: Path, opts: Options, visual: np.nd
     twin = figures.pop("prefill_twin", None)
     report = {"llm": llm_fidelity.verdict(figures, opts.llm_precision)}
     if twin:
-        report["llm.prefill_twin"] = llm_fidelity.twin_verdict(twin)
+        verdict = llm_fidelity.twin_verdict(twin)
+        if verdict["passed"] or opts.prefill != "auto" or llm_spec["kv_dtype"] != "float32":
+            report["llm.prefill_twin"] = verdict
+        else:  # written by default for speed, not at fidelity's cost (GPTQ's decoder can err less than it)
+            llm.drop_twin(bundle, llm_spec)
+            llm_spec["prefill_twin_dropped"] = f"erred more than the 4-bit decoder: {verdict['measured']}"
+            log(f"the int8 prefill twin is not written: it {llm_spec['prefill_twin_dropped']}; prompts prefill "
+                f"through the 4-bit decoder (--prefill int8 keeps it)")
     return stream, llm_spec, prompt, report
 
 

@@ -132,6 +132,13 @@ def _prefill_fields(kv_scales: dict | None, int8_prefill: bool) -> dict:
     return fields
 
 
+def drop_twin(bundle, spec: dict) -> None:
+    """Remove an fp32-cache bundle's int8 prefill twin: its prompts then prefill through the 4-bit decoder."""
+    for name in [spec.pop("prefill_graph")] + spec.pop("prefill_external_data"):
+        (bundle / name).unlink()
+    del spec["prefill_weights"]
+
+
 def _label(precision: str, scheme: str) -> str:
     """The schemes are int4's: "int4, imatrix", "int8", "fp32"."""
     return f"{precision}, {scheme}" if precision == "int4" else precision

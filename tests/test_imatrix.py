@@ -10,6 +10,7 @@ from conftest import export_tiny
 from onnx import TensorProto, helper
 from sfedge.export import gptq, imatrix
 from sfedge.export.decoder_graph import DataFile, MatMuls, Scheme
+from sfedge.export.llm import CALIBRATION_PROSE
 
 rng = np.random.default_rng(0)
 
@@ -195,10 +196,34 @@ def test_tiny_checkpoints_export_with_the_imatrix_schemes(make_checkpoint, tmp_p
     m = export_tiny(make_checkpoint(text=text), tmp_path / "b", llm_precision="int4", llm_quant=scheme,
                     allow_low_fidelity=True)
     q = m["llm"]["quantization"]
-    assert q["scheme"] == scheme and q["calibration"]["tokens"] > 0
+    assert q["scheme"] == scheme and q["calibration"]["tokens"] >= CALIBRATION_PROSE  # prose, prompts, video
     # qkv, o, gate, up, down per layer; lm_head
     if scheme == "accurate":
         assert not q["symmetric"] and q["lm_head_bits"] == 8 and q["matmuls"] == {"4-bit": 2 * 5, "8-bit": 1}
     else:
         assert q["symmetric"] and q["lm_head_bits"] == 4 and q["matmuls"] == {"4-bit": 2 * 5 + 1}
     assert m["fidelity"]["llm"]["teacher_forced"]["mean_cosine"] >= 0.95
+
+
+@pytest.mark.parametrize("prefill", ["auto", "int8"])
+def test_a_twin_that_errs_more_than_its_decoder_is_dropped_by_default_and_refused_when_asked_for(
+        make_checkpoint, tmp_path, monkeypatch, prefill):
+    """The int8 prefill twin is written by default for speed; where it would cost fidelity (GPTQ's decoder can err
+    less than it), the default leaves it out and says why; asked for with --prefill int8, the gate refuses it."""
+    from sfedge.export import llm_fidelity
+    from sfedge.runtime.errors import LowFidelity
+    from sfedge.runtime import manifest
+
+    verdict = llm_fidelity.twin_verdict
+    monkeypatch.setattr(llm_fidelity, "twin_verdict", lambda fig: {**verdict(fig), "passed": False})
+    out = tmp_path / "b"
+    if prefill == "int8":
+        with pytest.raises(LowFidelity, match="llm.prefill_twin"):
+            export_tiny(make_checkpoint(), out, llm_precision="int4", llm_quant="gptq", prefill=prefill)
+        return
+    m = export_tiny(make_checkpoint(), out, llm_precision="int4", llm_quant="gptq", prefill=prefill)
+    assert "prefill_graph" not in m["llm"] and "prefill_weights" not in m["llm"]
+    assert m["llm"]["prefill_twin_dropped"].startswith("erred more than the 4-bit decoder: prompts: KL")
+    assert m["fidelity"]["all_passed"] and "llm.prefill_twin" not in m["fidelity"]
+    assert not (out / "llm" / "prefill.onnx").exists() and not (out / "llm" / "prefill.onnx.data").exists()
+    assert manifest.load(out)["llm"] == m["llm"]  # the bundle checks out: no file listed is missing
