@@ -29,12 +29,14 @@ ROWS = 4096
 
 
 def inverse_factor(h: torch.Tensor) -> torch.Tensor:
-    """The upper Cholesky factor of the damped H^-1; channels silent in calibration get 1 on H's diagonal."""
+    """The upper Cholesky factor of the damped H^-1; channels silent in calibration get 1 on H's diagonal. In
+    float32, as the paper's code: the damping keeps H well conditioned, and float64 takes 5x as long (about 4
+    minutes for a 7B down projection's K = 11,008 here)."""
     h = h.clone()
     diag = h.diagonal()
     diag[diag == 0] = 1.0
     diag += DAMP * diag.mean()
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
 
 def symmetric4(w: np.ndarray, h: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +46,7 @@ def symmetric4(w: np.ndarray, h: np.ndarray, block: int) -> tuple[np.ndarray, np
     blocks = -(-k // block)
     _, scales = symmetric4_blocks(w, np.diag(h), block)
     order = np.argsort(-np.diag(h), kind="stable")
-    hinv = inverse_factor(torch.from_numpy(h[order][:, order]).double())
+    hinv = inverse_factor(torch.from_numpy(h).float()[order][:, order])
     codes = np.full((n, blocks * block), 8, np.uint8)  # a ragged last block's padding: code 8 is 0
     for r in range(0, n, ROWS):
         part = torch.from_numpy(np.ascontiguousarray(w[r:r + ROWS][:, order], np.float32))
