@@ -108,7 +108,8 @@ def _llm_options(p: argparse.ArgumentParser) -> None:
                         "(video tokens and questions) prefill about 1.5x faster on CPU, at a second copy of the "
                         "weights at 8 bits on disk and in memory (the runtime measures once per CPU kind whether it "
                         "is faster there, and the planner drops it when a memory budget has no room); auto "
-                        "(default): int8 for language models whose twin stays under 1.5 GB (about 1.5B parameters)")
+                        "(default): int8 for language models whose twin stays under 1.5 GB (about 1.5B parameters), "
+                        "left out if it errs more than the 4-bit decoder (as next to gptq's)")
     g.add_argument("--choice", choices=list(CHOICES),
                    help="how the model answers multiple choice unless a question says otherwise: letter (default; "
                         "the demo's is text) lists the options and reads the answer's letter; text scores each "
