@@ -1,7 +1,7 @@
 """The table to choose a scheme from: the demo model exported with each `--llm-quant` scheme (and with an int8 and
 an fp32 language model), each vision variant, the question-aware modes and the letter choice, scored by sf-eval on
-held-out synthetic clips against the PyTorch original: accuracy, the needle category, flips, McNemar, option KL,
-top-1 agreement and speed. The table in docs/benchmarks.md, "Accuracy after export".
+held-out synthetic clips against the PyTorch original: accuracy, the needle category, flips (all, and on the
+questions the original is sure of), McNemar, option KL, top-1 agreement and speed. The table in docs/benchmarks.md, "Accuracy after export".
 
     python -m sfedge.bench.eval_table OUT [--seeds 0-49] [--schemes imatrix,gptq,rtn,rtn-mixed,accurate,int8,fp32]
 
@@ -92,6 +92,7 @@ def _row(name: str, s: dict) -> dict:
             "needle": pct(needle.get("accuracy")),
             "reference": pct(ref["accuracy"]) if ref else "-",
             "flips": f"{pct(ref['flip_rate'])}%" if ref else "-",
+            "flips where sure": f"{pct(ref['sure']['flip_rate'])}% of {ref['sure']['n']}" if ref else "-",
             "McNemar p": f"{ref['mcnemar']['p']:.3g}" if ref else "-",
             "option KL": f"{ref['option_kl_mean']:.4f}" if ref else "-",
             "top-1": pct(ref["top1_agreement"]) if ref else "-",

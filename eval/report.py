@@ -16,6 +16,9 @@ from .data import Question
 from .scoring import choose
 
 INSTALL = 'pip install "sfedge[eval]"'
+# A question the reference is sure of: its likeliest option holds this much of the options' probability. Flips
+# there are what the export lost; below it the original itself is close to a coin toss.
+SURE = 0.8
 
 
 def answer_row(q: Question, text: str, option_logprobs: list | None, choice: str = "letter",
@@ -92,12 +95,17 @@ def _paired(scored: list[dict], videos: list[str]) -> dict:
     b, c, p = stats.mcnemar([r["correct"] for r in scored], [r["reference_correct"] for r in scored])
     both = [r for r in scored if r["option_logprobs"] is not None and r["reference_logprobs"] is not None]
     kl_mean = kl_max = top1 = None
+    sure = {"threshold": SURE, "n": 0, "flips": 0}
     if both:
         kl_mean, kl_max, top1 = stats.option_agreement([r["reference_logprobs"] for r in both],
                                                        [r["option_logprobs"] for r in both])
+        sure["n"], sure["flips"] = stats.sure_flips([r["reference_logprobs"] for r in both],
+                                                    [r["choice"] for r in both],
+                                                    [r["reference_choice"] for r in both], SURE)
+    sure["flip_rate"] = sure["flips"] / sure["n"] if sure["n"] else None
     return {"accuracy": acc, "interval": [low, high], "flips": flips, "flip_rate": rate,
             "mcnemar": {"b": b, "c": c, "p": p}, "option_kl_mean": kl_mean, "option_kl_max": kl_max,
-            "top1_agreement": top1}
+            "top1_agreement": top1, "sure": sure}
 
 
 def fidelity_summary(fidelity: dict) -> dict:
@@ -115,7 +123,8 @@ def table(summary: dict, markdown: bool = False) -> str:
     reference = "reference" in summary["overall"]
     head = ["category", "n", "accuracy [95% CI]", "empty", "unparsed", "errors"]
     if reference:
-        head += ["reference [95% CI]", "flips", "McNemar b/c p", "option KL mean/max", "top-1"]
+        head += ["reference [95% CI]", "flips", f"flips where sure (>= {SURE:.0%})", "McNemar b/c p",
+                 "option KL mean/max", "top-1"]
     groups = [("overall", summary["overall"])] + list(summary["categories"].items())
     body = [_cells(name, g, reference) for name, g in groups]
     lines = [f"{summary['questions']} questions on {summary['videos']} videos "
@@ -150,11 +159,12 @@ def _cells(name: str, g: dict, reference: bool) -> list[str]:
     if reference:
         r = g["reference"]
         if r is None:
-            return cells + ["-"] * 5
-        m = r["mcnemar"]
+            return cells + ["-"] * 6
+        m, sure = r["mcnemar"], r["sure"]
         kl = "-" if r["option_kl_mean"] is None else f"{r['option_kl_mean']:.4f}/{r['option_kl_max']:.4f}"
         cells += [_interval(r["accuracy"], r["interval"]), f"{r['flips']} ({_pct(r['flip_rate'])})",
-                  f"{m['b']}/{m['c']} p={m['p']:.3g}", kl, _pct(r["top1_agreement"])]
+                  f"{sure['flips']} of {sure['n']} ({_pct(sure['flip_rate'])})", f"{m['b']}/{m['c']} p={m['p']:.3g}",
+                  kl, _pct(r["top1_agreement"])]
     return cells
 
 

@@ -54,6 +54,16 @@ def flip_rate(bundle_choices: Sequence, reference_choices: Sequence) -> tuple[in
     return flips, flips / len(bundle_choices)
 
 
+def sure_flips(reference: Sequence[Sequence[float]], bundle_choices: Sequence, reference_choices: Sequence,
+               sure: float) -> tuple[int, int]:
+    """(questions whose likeliest option the reference gives at least `sure` of the options' probability, how many
+    of them the bundle answered otherwise): flips on questions the original is sure of are fidelity lost; on
+    near-uniform ones even an 8-bit model's rounding decides."""
+    picked = [(x, y) for r, x, y in zip(reference, bundle_choices, reference_choices)
+              if np.exp(_log_normalised(r)).max() >= sure]
+    return len(picked), sum(1 for x, y in picked if x != y)
+
+
 def option_kl(reference_logprobs: Sequence[float], bundle_logprobs: Sequence[float]) -> float:
     """KL(reference || bundle) in nats between the two distributions over the options alone: each side's option
     log-probabilities (over the whole vocabulary) renormalised over the options."""

@@ -7,7 +7,7 @@ Each block's scale is fixed first, by the importance search of imatrix.py on the
 are rounded loudest input channel first (the paper's "act order": the weights that matter most are rounded while
 the most others can still absorb their error), 128 at a time (its lazy batch update). On SmolLM2 act order with
 these static scales beat rounding in place with each block's scale searched as its turn came: next-token KL on
-prose 0.155 against 0.183 (bench/schemes.py). Rows are independent and go ROWS at a time, so a 152k-row lm_head
+prose 0.154 against 0.183 (bench/schemes.py). Rows are independent and go ROWS at a time, so a 152k-row lm_head
 needs only a slice of scratch.
 
 Why by hand: the libraries that implement it (AutoGPTQ, GPTQModel, Intel Neural Compressor through ONNX Runtime's

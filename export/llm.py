@@ -46,10 +46,10 @@ def dims(config) -> dict:
 
 
 def calibration_samples(table: torch.Tensor, tokenizer, visual_tokens: np.ndarray | None) -> list[np.ndarray]:
-    """Embeddings of the chat prompts, of CALIBRATION_PROSE tokens of technical prose (a few prompts alone leave a K-wide
-    layer's statistics rank-deficient: GPTQ then fits them and errs off them) and, when given, of real visual
-    tokens: text-only calibration is what broke other toolkits' int4 LLaVA. (The English prose is kept out: it is
-    the perplexity test.)"""
+    """Embeddings of the chat prompts, of CALIBRATION_PROSE tokens of technical prose (a few prompts alone leave a
+    K-wide layer's statistics rank-deficient: GPTQ then fits them and errs off them) and, when given, of real
+    visual tokens: text-only calibration is what broke other toolkits' int4 LLaVA. (The English prose is kept out:
+    it is the perplexity test.)"""
     from sfedge import calibration
 
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -13,7 +13,8 @@ import pytest
 from sfedge.eval import cli, report
 from sfedge.eval.data import Question, by_video, load_questions
 from sfedge.eval.scoring import choose
-from sfedge.eval.stats import (bootstrap_accuracy, flip_rate, mcnemar, mcnemar_p, option_agreement, option_kl)
+from sfedge.eval.stats import (bootstrap_accuracy, flip_rate, mcnemar, mcnemar_p, option_agreement, option_kl,
+                               sure_flips)
 from sfedge.runtime.errors import BackendUnavailable, BadInput, GraphFailed
 
 COLORS = ["red", "blue", "green", "yellow"]
@@ -98,6 +99,13 @@ def test_mcnemar_counts_discordant_pairs():
 
 def test_flip_rate_counts_no_choice_as_a_choice():
     assert flip_rate([0, 1, None, 2], [0, 2, None, None]) == (2, 0.5)
+
+
+def test_sure_flips_count_only_questions_the_reference_is_sure_of():
+    # renormalised over the options: [.45, .05] is [.9, .1] (sure); [.5, .5] and [.7, .3] are not at 0.8
+    ref = [np.log([0.45, 0.05]), np.log([0.5, 0.5]), np.log([0.7, 0.3]), np.log([0.85, 0.15])]
+    assert sure_flips(ref, [1, 1, 1, 0], [0, 0, 0, 0], 0.8) == (2, 1)  # the first flipped, the last kept
+    assert sure_flips(ref, [1, 1, 1, 0], [0, 0, 0, 0], 0.5) == (4, 3)
 
 
 def test_option_kl():
@@ -294,6 +302,7 @@ def test_cli_encode_failure_becomes_error_rows_and_out_writes_three_files(clips,
     ref = overall["reference"]
     assert ref["accuracy"] == 2 / 3 and ref["flips"] == 2 and ref["mcnemar"] == {"b": 1, "c": 1, "p": 1.0}
     assert ref["top1_agreement"] == pytest.approx(2 / 3)  # question 4: C against A
+    assert ref["sure"]["threshold"] == 0.8 and ref["sure"]["n"] <= 3 and "flips where sure" in captured.out
     assert s["categories"]["objects"]["errors"] == 2 and s["categories"]["color"]["accuracy"] == 1.0
     assert s["fidelity"]["all_passed"] and s["fidelity"]["checks"]["llm"]["measured"] == "perplexity 1.004x"
     assert s["speed"] == {"video_s": 1.5, "question_s": 0.75}  # decode + encode once per video; prefill + generate
