@@ -81,15 +81,18 @@ class LayerStream:
     def forward(self, groups: dict[str, list[torch.Tensor]], observer=None, progress=None) -> dict:
         """Groups of sequences ([n, hidden] embeddings, each attended on its own) through every layer; returns each
         group's final normed hidden states. `observer(i, module, run)` is called with each loaded layer and must
-        call `run(group)` for every group (hooks may watch a run); without an observer every group is run."""
+        call `run(group)` for every group (hooks may watch a run; `run(group, keep=False)` leaves the group's hidden
+        states as they were, for a second run); without an observer every group is run."""
         hidden = {g: [s.float()[None] for s in seqs] for g, seqs in groups.items()}
         rotary = {len(s): self.rotary(len(s)) for seqs in groups.values() for s in seqs}
         for i in range(self.num_layers):
             module = self.layer(i)
 
-            def run(group, module=module):
+            def run(group, keep=True, module=module):
                 with torch.no_grad():
-                    hidden[group] = [module(h, position_embeddings=rotary[h.shape[1]]) for h in hidden[group]]
+                    out = [module(h, position_embeddings=rotary[h.shape[1]]) for h in hidden[group]]
+                if keep:
+                    hidden[group] = out
 
             if observer:
                 observer(i, module, run)
@@ -120,8 +123,11 @@ def calibration(stream: LayerStream, module: torch.nn.Module, hessian: bool = Fa
         def hook(_, args, __):
             x = args[0].reshape(-1, args[0].shape[-1])
             sums[key] = sums.get(key, 0) + (x.double() ** 2).sum(0)
-            if hessian:
-                products[key] = products.get(key, 0) + (x.T @ x).double()
+            if hessian:  # float32 sums of float32 products: a few thousand tokens lose nothing that matters
+                if key in products:
+                    products[key].addmm_(x.T, x)
+                else:
+                    products[key] = x.T @ x
             count[0] += len(x) if key == "qkv" else 0
         return hook
 
