@@ -92,7 +92,6 @@ class MatMuls:
         self.twin_swaps = {}  # name of a MatMul's last node -> (names of all its nodes, the twin's node)
         self.counts = {"4-bit": 0, "8-bit": 0, "fp32": 0}
         self.block_sums = {}
-        self.rounded = {}  # gptq: each MatMul's weights as written, by name, until the export takes them
 
     def add(self, name: str, array: np.ndarray) -> str:
         self.inits.append(self.data.tensor(name, array))
@@ -134,9 +133,6 @@ class MatMuls:
         else:
             if s.scheme == "gptq":  # `imp` is the inputs' whole second moment here
                 q, d = gptq.symmetric4(w, imp, s.block)
-                if name != "lm_head":  # the last: nothing calibrates on its output
-                    codes = q.astype(np.float32) - 8
-                    self.rounded[name] = (d[..., None] * codes).reshape(len(w), -1)[:, :w.shape[1]]
             else:
                 search = s.scheme != "rtn" and s.scheme != "rtn-mixed"
                 q, d = imatrix.symmetric4_blocks(w, imp if search else None, s.block, search=search)

@@ -87,7 +87,7 @@ def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision
 
     def layer(i, module, run):
         with calibration(stream, module, hessian) as stats:
-            run("calibration", keep=not hessian)  # GPTQ's: the next layer calibrates on this one as rounded
+            run("calibration")
         kv = tuple(max(m, 1e-6) / 127 for m in stats["kv_max"]) if kv_int8 else None
         if kv:
             scales["k_scales"].append(kv[0]), scales["v_scales"].append(kv[1])
@@ -95,9 +95,6 @@ def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision
                     stats["hessian" if hessian else "importance"] if searched else None, kv)
         run("reference")
         exported[:] = layers.layer(i, exported)
-        if hessian:
-            use_rounded(module, graph.rounded, i)
-            run("calibration")
 
     log(f"language model: {d['num_layers']} layers, each calibrated on {sum(len(s) for s in samples)} tokens, "
         f"quantized ({_label(precision, scheme)}), written, and checked on {sum(len(c.ref) for c in checks)} tokens "
@@ -133,19 +130,6 @@ def _prefill_fields(kv_scales: dict | None, int8_prefill: bool) -> dict:
         fields.update(prefill_graph="llm/prefill.onnx", prefill_weights="int8",
                       prefill_external_data=["llm/prefill.onnx.data"])
     return fields
-
-
-def use_rounded(module: torch.nn.Module, rounded: dict, i: int) -> None:
-    """Layer i's Linear weights replaced by their roundings as written (taken out of `rounded`): GPTQ quantizes
-    each layer on the inputs the layers before it give once rounded, so its compensation covers their error too."""
-    p, attn = f"model.layers.{i}", module.self_attn
-    sizes = np.cumsum([attn.q_proj.out_features, attn.k_proj.out_features])
-    weights = dict(zip(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                       np.split(rounded.pop(f"{p}.attn.qkv_proj"), sizes)))
-    weights["self_attn.o_proj"] = rounded.pop(f"{p}.attn.o_proj")
-    weights |= {f"mlp.{n}_proj": rounded.pop(f"{p}.mlp.{n}_proj") for n in ("gate", "up", "down")}
-    for name, w in weights.items():
-        module.get_submodule(name).weight.data = torch.from_numpy(np.ascontiguousarray(w))
 
 
 def drop_twin(bundle, spec: dict) -> None:

@@ -81,18 +81,15 @@ class LayerStream:
     def forward(self, groups: dict[str, list[torch.Tensor]], observer=None, progress=None) -> dict:
         """Groups of sequences ([n, hidden] embeddings, each attended on its own) through every layer; returns each
         group's final normed hidden states. `observer(i, module, run)` is called with each loaded layer and must
-        call `run(group)` for every group (hooks may watch a run; `run(group, keep=False)` leaves the group's hidden
-        states as they were, for a second run); without an observer every group is run."""
+        call `run(group)` for every group (hooks may watch a run); without an observer every group is run."""
         hidden = {g: [s.float()[None] for s in seqs] for g, seqs in groups.items()}
         rotary = {len(s): self.rotary(len(s)) for seqs in groups.values() for s in seqs}
         for i in range(self.num_layers):
             module = self.layer(i)
 
-            def run(group, keep=True, module=module):
+            def run(group, module=module):
                 with torch.no_grad():
-                    out = [module(h, position_embeddings=rotary[h.shape[1]]) for h in hidden[group]]
-                if keep:
-                    hidden[group] = out
+                    hidden[group] = [module(h, position_embeddings=rotary[h.shape[1]]) for h in hidden[group]]
 
             if observer:
                 observer(i, module, run)

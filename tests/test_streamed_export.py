@@ -33,40 +33,6 @@ def test_the_streamed_reference_is_transformers_whole_model(make_checkpoint, tex
     assert ck.model.model.language_model.layers[0].mlp.up_proj.weight.is_meta  # never loaded whole
 
 
-def test_gptq_calibrates_each_layer_on_the_layers_before_it_as_rounded(make_checkpoint):
-    """A run that is not kept leaves its group where it was; then, with each layer's weights swapped for their
-    roundings, the calibration group goes on through the rounded model (GPTQ's order), the reference through fp32."""
-    from sfedge.export.llm import use_rounded
-
-    ck = ckpt_io.load(make_checkpoint())
-    stream = LayerStream(ck.shards, ck.model.config.text_config)
-    x = list(torch.randn(2, 9, stream.config.hidden_size))
-    noise = torch.Generator().manual_seed(0)
-    rounded = {}
-
-    def observer(i, module, run):
-        run("rounded", keep=False)  # statistics only
-        for name, lin in [("attn.qkv_proj", None), ("attn.o_proj", "self_attn.o_proj"),
-                          *((f"mlp.{n}_proj", f"mlp.{n}_proj") for n in ("gate", "up", "down"))]:
-            w = torch.cat([module.get_submodule(f"self_attn.{n}_proj").weight for n in "qkv"]) if lin is None \
-                else module.get_submodule(lin).weight
-            rounded[f"model.layers.{i}.{name}"] = (w.detach() + 0.01 * torch.randn(w.shape, generator=noise)).numpy()
-        want = {k: torch.from_numpy(v) for k, v in rounded.items()}
-        run("fp32")
-        use_rounded(module, rounded, i)
-        assert not rounded  # taken
-        qkv = torch.cat([module.get_submodule(f"self_attn.{n}_proj").weight for n in "qkv"])
-        assert torch.equal(qkv, want[f"model.layers.{i}.attn.qkv_proj"])
-        assert torch.equal(module.mlp.down_proj.weight, want[f"model.layers.{i}.mlp.down_proj"])
-        run("rounded")
-
-    got = stream.forward({"fp32": x, "rounded": x}, observer)
-    plain = stream.forward({"fp32": x})["fp32"]
-    for a, b, c in zip(got["fp32"], plain, got["rounded"]):
-        assert torch.equal(a, b)  # the reference ran on fp32 weights, once per layer
-        assert 1e-4 < (a - c).abs().max() < 1  # the other group through the perturbed layers
-
-
 def sharded(make_checkpoint, tmp_path, text="llama"):
     """A tiny checkpoint re-saved in small shards with an index, as the hub ships big models."""
     src = make_checkpoint(text=text)
