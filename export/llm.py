@@ -110,15 +110,20 @@ def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision
         layers.close()
         if progress:
             progress.close()
-    spec = {"graph": "llm/model.onnx", "external_data": ["llm/model.onnx.data"],
-            "architecture": type(stream.skeleton).__name__, "precision": precision,
-            "quantization": _record(precision, scheme, block_size, graph.counts, samples),
-            **{k: v for k, v in d.items() if k != "rms_norm_eps"}, "embeddings": embeddings,
-            **_prefill_fields(scales if kv_int8 else None, int8_prefill)}
+    spec = _section(stream, d, precision, _record(precision, scheme, block_size, graph.counts, samples), embeddings,
+                    _prefill_fields(scales if kv_int8 else None, int8_prefill))
     if int8_prefill:
         log("checking the int8 prefill twin: prompts prefilled through it, answers decoded by the 4-bit graph")
         figures["prefill_twin"] = llm_fidelity.twin(bundle, spec, checks, finals["reference"], head)
     return spec, figures
+
+
+def _section(stream: LayerStream, d: dict, precision: str, quantization: dict | None, embeddings: dict,
+             prefill: dict) -> dict:
+    """The manifest's "llm" section."""
+    return {"graph": "llm/model.onnx", "external_data": ["llm/model.onnx.data"],
+            "architecture": type(stream.skeleton).__name__, "precision": precision, "quantization": quantization,
+            **{k: v for k, v in d.items() if k != "rms_norm_eps"}, "embeddings": embeddings, **prefill}
 
 
 def _prefill_fields(kv_scales: dict | None, int8_prefill: bool) -> dict:
