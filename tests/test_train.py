@@ -33,3 +33,21 @@ def test_training_resumes_and_the_demo_export_loads_its_weights(tmp_path, monkey
     monkeypatch.setattr(demo, "DEMO_WEIGHTS", tmp_path / "b" / demo.DEMO_WEIGHTS.name)
     llava, clip = demo.build_demo(tmp_path / "demo")
     assert (llava / "config.json").exists() and (clip / "config.json").exists()
+
+
+def test_patch_labels_name_what_each_patch_shows():
+    from sfedge.train import demo_model as dm, synthetic as syn
+
+    clip = syn.Clip(0, [syn.Mover("triangle", "blue", "left", (90.0, 24.0))], "star", (100.0, 100.0), 40)
+    labels = dm.patch_labels([clip])[0]  # [frames, patches, 4]
+    grid = dm.VISION["image_size"] // dm.VISION["patch_size"]
+    cell = syn.SIZE // grid
+    at = lambda x, y: int(y // cell) * grid + int(x // cell)
+    blue, triangle, left = list(syn.COLOURS).index("blue") + 1, syn.SHAPES.index("triangle") + 1, 1
+    assert labels[0, at(90, 24), :3].tolist() == [blue, triangle, left]
+    assert (labels[0, at(40, 24)] == 0).all()  # far from everything: nothing
+    x, _ = clip.position(clip.movers[0], syn.FRAMES - 1)  # it moved left: its label went with it
+    assert labels[-1, at(x, 24), 0] == blue and labels[-1, at(90, 24), 0] == 0
+    star = syn.NEEDLES.index("star") + 1
+    assert labels[40, at(100, 100), 3] == star and labels[41, at(100, 100), 3] == star
+    assert (labels[39, :, 3] == 0).all() and (labels[42, :, 3] == 0).all()  # only while it flashes

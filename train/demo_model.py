@@ -1,7 +1,8 @@
 """Train the demo's eyes on synthetic clips, the way LLaVA is built, on this machine's CPU in under an hour:
 
   stage 1  a small CLIP pair (transformers' CLIPModel: a ViT vision tower and a text tower) trained contrastively
-           on single frames and their captions (`synthetic.caption`);
+           on single frames and their captions (`synthetic.caption`), and densely: linear heads, dropped after,
+           name what each patch shows, so each visual token knows which colour goes with which shape;
   stage 2  a LlavaForConditionalGeneration whose tower is that vision tower (frozen) and whose language model is
            the real SmolLM2-135M-Instruct: the projector is first aligned to the language model's word embeddings,
            then it and low-rank adapters on the language model's attention (LoRA, merged into the weights at
