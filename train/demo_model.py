@@ -356,7 +356,7 @@ def main() -> None:
     p.add_argument("--clip-steps", type=int, default=800)
     p.add_argument("--clip-batch", type=int, default=128)
     p.add_argument("--align-steps", type=int, default=300)
-    p.add_argument("--projector-steps", type=int, default=700)
+    p.add_argument("--projector-steps", type=int, default=600)
     p.add_argument("--projector-batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", type=Path, help="a demo_weights.safetensors to go on from: its CLIP pair, projector "
