@@ -83,31 +83,34 @@ def vision_dict() -> dict:
     return {**SELECT, "mean": mean, "std": std}
 
 
-def patch_labels(clips) -> torch.Tensor:
-    """What each patch of each frame shows, as class ids (0: nothing) of (colour, shape, direction, flash):
-    [N, 96, P, 4]. A patch is labelled with the shape whose centre is nearest, if within the shape's radius of the
-    patch; the flash likewise."""
+def patch_distance():
+    """(distance, reach) on the tower's patch grid over a clip's pixels: distance(x, y) is each patch centre's
+    Chebyshev distance to a point, [P] row-major; a thing of radius r covers the patches within reach(r)."""
     grid = VISION["image_size"] // VISION["patch_size"]
     cell = syn.SIZE / grid
     centres = (np.arange(grid) + 0.5) * cell
     cy, cx = (v.ravel() for v in np.meshgrid(centres, centres, indexing="ij"))
-    reach = lambda r: r + cell / 2
+    return (lambda x, y: np.maximum(np.abs(cx - x), np.abs(cy - y))), (lambda r: r + cell / 2)
+
+
+def patch_labels(clips) -> torch.Tensor:
+    """What each patch of each frame shows, as class ids (0: nothing) of (colour, shape, direction, flash):
+    [N, 96, P, 4]. A patch is labelled with the shape whose centre is nearest, if within the shape's radius of the
+    patch; the flash likewise."""
+    distance, reach = patch_distance()
     colours, directions = list(syn.COLOURS), list(syn.DIRECTIONS)
-    out = np.zeros((len(clips), syn.FRAMES, grid * grid, 4), np.int64)
+    out = np.zeros((len(clips), syn.FRAMES, len(distance(0, 0)), 4), np.int64)
     for n, clip in enumerate(clips):
         for f in range(syn.FRAMES):
-            best = np.full(grid * grid, np.inf)
+            best = np.full(out.shape[2], np.inf)
             for m in clip.movers:
-                x, y = clip.position(m, f)
-                d = np.maximum(np.abs(cx - x), np.abs(cy - y))
+                d = distance(*clip.position(m, f))
                 hit = (d < reach(syn.RADIUS)) & (d < best)
                 best[hit] = d[hit]
                 out[n, f, hit, :3] = (colours.index(m.colour) + 1, syn.SHAPES.index(m.shape) + 1,
                                       directions.index(m.direction) + 1)
             if f in clip.needle_frames():
-                x, y = clip.needle_at
-                out[n, f, np.maximum(np.abs(cx - x), np.abs(cy - y)) < reach(syn.NEEDLE_RADIUS), 3] = (
-                    syn.NEEDLES.index(clip.needle) + 1)
+                out[n, f, distance(*clip.needle_at) < reach(syn.NEEDLE_RADIUS), 3] = syn.NEEDLES.index(clip.needle) + 1
     return torch.from_numpy(out)
 
 
@@ -214,21 +217,19 @@ def word_targets(clips, table: torch.Tensor, tok) -> torch.Tensor:
     [N, 96, P, D]. Aligning the projector to these first (a cheap regression, no language model in the loop) gives
     the LLaVA stage a start where visual tokens already resemble the words the questions' options use."""
     word = lambda w: table[tok(" " + w, add_special_tokens=False)["input_ids"][0]]
-    grid = VISION["image_size"] // VISION["patch_size"]
-    cell = syn.SIZE / grid
-    centres = (np.arange(grid) + 0.5) * cell
-    cy, cx = np.meshgrid(centres, centres, indexing="ij")
-    out = torch.empty(len(clips), syn.FRAMES, grid * grid, table.shape[1], dtype=torch.float16)  # GBs at 8x8
+    distance, reach = patch_distance()
+    patches = len(distance(0, 0))
+    out = torch.empty(len(clips), syn.FRAMES, patches, table.shape[1], dtype=torch.float16)  # GBs at 8x8
     with torch.no_grad():
         for n, clip in enumerate(clips):
             count = word(syn.COUNTS[len(clip.movers) - 1])
             for f in range(syn.FRAMES):
-                acc, hits = torch.zeros(grid * grid, table.shape[1]), torch.zeros(grid * grid, 1)
+                acc, hits = torch.zeros(patches, table.shape[1]), torch.zeros(patches, 1)
                 things = [((clip.position(m, f)), syn.RADIUS, [m.colour, m.shape, m.direction]) for m in clip.movers]
                 if f in clip.needle_frames():
                     things.append((clip.needle_at, syn.NEEDLE_RADIUS, ["white", clip.needle, "flash"]))
                 for (x, y), r, words in things:
-                    near = torch.from_numpy((np.abs(cx - x) < r + cell / 2) & (np.abs(cy - y) < r + cell / 2)).ravel()
+                    near = torch.from_numpy(distance(x, y) < reach(r))
                     acc[near] += torch.stack([word(w) for w in words]).mean(0)
                     hits[near] += 1
                 empty = hits[:, 0] == 0
