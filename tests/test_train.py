@@ -1,5 +1,6 @@
 """The demo's training script, end to end at toy sizes: it trains, resumes, and writes weights the demo export
 loads (the real run: export/demo_weights/MODEL_CARD.md)."""
+import hashlib
 import json
 import subprocess
 import sys
@@ -27,6 +28,8 @@ def test_training_resumes_and_the_demo_export_loads_its_weights(tmp_path, monkey
     again, second = train(tmp_path / "b", "--projector-steps", "1",
                           "--resume", str(tmp_path / "a" / demo.DEMO_WEIGHTS.name))
     assert again["projector_steps"] == 3 and again["resumed_from"]["projector_steps"] == 2
+    digest = hashlib.sha256((tmp_path / "a" / demo.DEMO_WEIGHTS.name).read_bytes()).hexdigest()
+    assert again["resumed_from"]["sha256"] == digest
     assert again["clip_steps"] == 2  # stage 1 not rerun: its weights are the first run's
     assert all((second[k] == first[k]).all() for k in first if k.startswith("clip."))
     assert any((second[k] != first[k]).any() for k in first if k.startswith("lora."))

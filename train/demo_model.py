@@ -23,6 +23,7 @@ Seeded: the same command gives the same weights on the same CPU kind. What it re
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -369,6 +370,8 @@ def main() -> None:
         clips, pixels = render_clips(Path(work), range(TRAIN_SEED0, TRAIN_SEED0 + a.clips))
     log(f"rendered {a.clips} clips in {time.time() - t0:.0f} s")
     tensors, before = demo_weights(a.resume) if a.resume else ({}, {})
+    # the file's digest, not only its path: resuming from the committed weights overwrites them
+    resumed_sha256 = hashlib.sha256(a.resume.read_bytes()).hexdigest() if a.resume else None
     if a.resume:
         clip = demo_clip(before)[0]
         clip.load_state_dict(part(tensors, "clip."))
@@ -401,7 +404,8 @@ def main() -> None:
             "minutes": {"clip": round((t1 - t0) / 60, 1), "projector": round((t2 - t1) / 60, 1)}, **CARD}
     if a.resume:
         # the first run's clips and minutes stay; this run's are its own
-        card["resumed_from"] = {"file": str(a.resume), "projector_steps": before["projector_steps"],
+        card["resumed_from"] = {"file": str(a.resume), "sha256": resumed_sha256,
+                                "projector_steps": before["projector_steps"],
                                 "clips": before["clips"], "minutes": before["minutes"]}
     path = save(Path(a.out), clip, model, adapters, card)
     log(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {json.dumps(card)}")
