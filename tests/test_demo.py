@@ -36,8 +36,9 @@ def test_the_readme_demo_answers_its_question_right(demo_bundle, tmp_path):
 @pytest.mark.slow
 def test_sf_eval_of_the_demo_on_held_out_clips_is_above_chance(demo_bundle, tmp_path):
     """sf-eval end to end on 50 generated questions (10 held-out clips x 5 categories), each video encoded once.
-    What the default bundle gets (docs/benchmarks.md, 250 questions): 50.4%, counts 86%, the rest 34-52% (chance
-    25%); on these 50, 40% overall and 7 of 10 counts (the PyTorch original: 98% of counts)."""
+    What the default bundle gets (docs/benchmarks.md, 250 questions): 60.4%, every count, the rest 32-64% (chance
+    25%); on these 50 (AMD EPYC), 58% overall and 10 of 10 counts. The floors leave room for another CPU's rounding
+    to flip the answers the demo is unsure of."""
     data = synthetic.write_dataset(tmp_path / "data", range(10))
     run = subprocess.run([sys.executable, "-m", "sfedge.eval.cli", str(demo_bundle), "--data", str(data), "--out",
                           str(tmp_path / "eval")], capture_output=True, text=True)
@@ -48,7 +49,7 @@ def test_sf_eval_of_the_demo_on_held_out_clips_is_above_chance(demo_bundle, tmp_
     assert s["settings"]["choice"] == "text"  # the demo bundle's own
     assert all(len(r["option_logprobs"]) == 4 and max(r["option_logprobs"]) < 0 for r in rows)
     assert sum(r["timings"].get("encode", 0) > 0 for r in rows) == 10
-    assert s["categories"]["count"]["accuracy"] >= 0.6 and s["overall"]["accuracy"] >= 0.34, run.stdout
+    assert s["categories"]["count"]["accuracy"] >= 0.8 and s["overall"]["accuracy"] >= 0.44, run.stdout
     assert "overall" in run.stdout and (tmp_path / "eval" / "accuracy.png").exists()
 
 
