@@ -3,7 +3,7 @@ an fp32 language model), each vision variant, the question-aware modes and the l
 held-out synthetic clips against the PyTorch original: accuracy, the needle category, flips (all, and on the
 questions the original is sure of), McNemar, option KL, top-1 agreement and speed. The table in docs/benchmarks.md, "Accuracy after export".
 
-    python -m sfedge.bench.eval_table OUT [--seeds 0-49] [--schemes imatrix,gptq,rtn,rtn-mixed,accurate,int8,fp32]
+    python -m sfedge.bench.eval_table OUT [--seeds 0-49] [--schemes imatrix,gptq,gptq-mixed,rtn,rtn-mixed,accurate,int8,fp32]
 
 Bundles, data, each run's sf-eval folder and the PyTorch original's answers (OUT/reference.jsonl, shared by every
 run on the same frames) are kept under OUT: a second call reuses what is there.
@@ -47,7 +47,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m sfedge.bench.eval_table", description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
     p.add_argument("--seeds", default="0-49", help="held-out generator seeds (the demo trained on 100000 and up)")
-    p.add_argument("--schemes", default="imatrix,gptq,rtn,rtn-mixed,accurate,int8,fp32")
+    p.add_argument("--schemes", default="imatrix,gptq,gptq-mixed,rtn,rtn-mixed,accurate,int8,fp32")
     a = p.parse_args()
     from sfedge.export.demo import build_demo
     from sfedge.train import synthetic

@@ -86,14 +86,15 @@ def _llm_options(p: argparse.ArgumentParser) -> None:
                    help="int4 (default): 4-bit blocks in the --llm-quant scheme; int8: every MatMul in symmetric 8-bit "
                         "blocks, twice int4's weight bytes, for when answers must match the original closely; fp32: "
                         "unquantized")
-    g.add_argument("--llm-quant", default="imatrix", choices=["rtn", "rtn-mixed", "imatrix", "accurate", "gptq"],
+    g.add_argument("--llm-quant", default="imatrix", choices=["rtn", "rtn-mixed", "imatrix", "accurate", "gptq", "gptq-mixed"],
                    help="the 4-bit format (int4 only). rtn: round-to-nearest, symmetric, every MatMul at 4 bits; "
                         "rtn-mixed: the same with lm_head and sensitive layers at 8 bits; imatrix (default): the "
                         "format of rtn with each block's scale searched on calibration prompts and visual tokens; "
                         "accurate: affine blocks searched the same way, lm_head at 8 bits (exact on weights already "
                         "in llama.cpp's Q4_1 grid, as SmolLM2's; decodes about half as fast); gptq: the format of "
                         "imatrix, each weight's rounding error compensated on the weights not yet rounded through "
-                        "the calibration inputs' second moment (slower to export, same speed)")
+                        "the calibration inputs' second moment (slower to export, same speed); gptq-mixed: gptq "
+                        "with rtn-mixed's 8-bit layers (the closest to the original's answers at 4 bits)")
     g.add_argument("--block-size", type=int, default=32, choices=[32, 64, 128],
                    help="4-bit block size (default 32)")
     g.add_argument("--embeddings", default="float16", choices=["float16", "float32", "int8"],

@@ -27,6 +27,8 @@ from . import gptq, imatrix
 
 OPSET = 22
 ALIGN = 4096  # ONNX Runtime memory-maps external data; page-aligned tensors map without a copy
+MIXED = ("rtn-mixed", "gptq-mixed")  # int4 schemes with lm_head and llama.cpp's sensitive projections at 8 bits
+GPTQ = ("gptq", "gptq-mixed")  # rounding errors compensated through the inputs' second moment (gptq.py)
 
 
 class DataFile:
@@ -72,7 +74,7 @@ class Scheme:
             return 8
         if self.scheme == "accurate":
             return 8 if layer is None else 4
-        if self.scheme != "rtn-mixed":
+        if self.scheme not in MIXED:
             return 4
         if layer is None:
             return 8
@@ -131,7 +133,7 @@ class MatMuls:
                       f"{name}/Offsets")
             self.node("Add", [f"{out}/codes", f"{out}/offsets"], [out], f"{name}/AddOffsets")
         else:
-            if s.scheme == "gptq":  # `imp` is the inputs' whole second moment here
+            if s.scheme in GPTQ:  # `imp` is the inputs' whole second moment here
                 q, d = gptq.symmetric4(w, imp, s.block)
             else:
                 search = s.scheme != "rtn" and s.scheme != "rtn-mixed"

@@ -12,7 +12,7 @@ import torch
 from sfedge.runtime.embeddings import Embeddings
 
 from . import gptq, llm_fidelity
-from .decoder_graph import DecoderGraph, Scheme
+from .decoder_graph import GPTQ, MIXED, DecoderGraph, Scheme
 from .graph_layers import GraphLayers
 from .imatrix import quantize_rows
 from .streamed import LayerStream, calibration, chunks, second_moment
@@ -30,8 +30,10 @@ QUANT_SCHEMES = {
     "accurate": "affine 4-bit blocks searched against the importance of their inputs, lm_head at 8 bits",
     # The bytes and kernel of "imatrix"; rounding errors compensated through the inputs' second moment (gptq.py).
     "gptq": "imatrix's blocks, each weight's rounding error compensated on the weights not yet rounded (GPTQ)",
+    # The 8-bit parts of "rtn-mixed", GPTQ for the rest: the demo's answers stay closest to fp32 this way.
+    "gptq-mixed": "gptq, with lm_head and the sensitive layers of rtn-mixed at 8 bits",
 }
-SEARCHED = ("imatrix", "accurate", "gptq")  # calibrated schemes
+SEARCHED = ("imatrix", "accurate", *GPTQ)  # calibrated schemes
 CALIBRATION_PROSE = 2048  # tokens of technical prose beside the chat prompts and visual tokens
 PRECISIONS = ("int4", "int8", "fp32")  # the schemes above are int4's; int8 is symmetric 8-bit blocks throughout
 
@@ -72,7 +74,7 @@ def write_llm(stream: LayerStream, tokenizer, bundle, prompt: dict, *, precision
     table = stream.embeddings()
     embeddings = write_embeddings(table.numpy(), dst, embed_dtype)
     searched, kv_int8 = precision == "int4" and scheme in SEARCHED, kv_cache == "int8"
-    hessian = searched and scheme == "gptq"  # the inputs' whole second moment, not its diagonal
+    hessian = searched and scheme in GPTQ  # the inputs' whole second moment, not its diagonal
     samples = chunks(calibration_samples(table, tokenizer, visual_tokens)) if searched or kv_int8 else []
     checks = llm_fidelity.sequences(tokenizer, prompt, table, Embeddings(bundle, embeddings), text_tokens,
                                     visual_tokens)
@@ -157,13 +159,13 @@ def _record(precision: str, scheme: str, block_size: int, counts: dict, samples:
         return {"method": "MatMulNBits", "bits": 8, "block_size": block_size, "scheme": "rtn", "symmetric": True,
                 "lm_head_bits": 8, "matmuls": matmuls}
     record = {"method": "MatMulNBits", "bits": 4, "block_size": block_size, "scheme": scheme,
-              "symmetric": scheme != "accurate", "lm_head_bits": 8 if scheme in ("rtn-mixed", "accurate") else 4,
+              "symmetric": scheme != "accurate", "lm_head_bits": 8 if scheme in (*MIXED, "accurate") else 4,
               "matmuls": matmuls}
     if scheme in SEARCHED:
         record["calibration"] = {"samples": len(samples), "tokens": int(sum(len(s) for s in samples))}
     if scheme == "accurate":
         record["offsets"] = "float per block (a correction MatMul)"
-    if scheme == "gptq":
+    if scheme in GPTQ:
         record["gptq"] = {"damp": gptq.DAMP, "columns_per_update": gptq.WIDTH}
     return record
 

@@ -140,8 +140,9 @@ def test_symmetric_matmul_runs_at_4_bits(tmp_path, scheme):
     assert want @ got / np.linalg.norm(want) / np.linalg.norm(got) >= 0.999
 
 
-def test_mixed_scheme_puts_lm_head_and_the_sensitive_layers_at_8_bits():
-    s = Scheme("int4", "rtn-mixed", 32, 16)  # eighths of 16 layers: 0-1 and 14-15; between, every third from 4
+@pytest.mark.parametrize("scheme", ["rtn-mixed", "gptq-mixed"])
+def test_mixed_schemes_put_lm_head_and_the_sensitive_layers_at_8_bits(scheme):
+    s = Scheme("int4", scheme, 32, 16)  # eighths of 16 layers: 0-1 and 14-15; between, every third from 4
     assert [i for i in range(16) if s.bits(i, "qkv") == 8] == [0, 1, 4, 7, 10, 13, 14, 15]
     assert s.bits(None, "lm_head") == 8 and s.bits(0, "o") == s.bits(0, "gate") == 4 and s.bits(0, "down") == 8
     assert Scheme("int4", "imatrix", 32, 16).bits(None, "lm_head") == 4
@@ -191,7 +192,7 @@ def test_gptq_keeps_weights_already_on_the_grid():
 
 
 @pytest.mark.parametrize("text,scheme", [("llama", "accurate"), ("qwen2", "accurate"), ("qwen2", "imatrix"),
-                                         ("llama", "gptq")])
+                                         ("llama", "gptq"), ("qwen2", "gptq-mixed")])
 def test_tiny_checkpoints_export_with_the_imatrix_schemes(make_checkpoint, tmp_path, text, scheme):
     m = export_tiny(make_checkpoint(text=text), tmp_path / "b", llm_precision="int4", llm_quant=scheme,
                     allow_low_fidelity=True)
@@ -200,6 +201,9 @@ def test_tiny_checkpoints_export_with_the_imatrix_schemes(make_checkpoint, tmp_p
     # qkv, o, gate, up, down per layer; lm_head
     if scheme == "accurate":
         assert not q["symmetric"] and q["lm_head_bits"] == 8 and q["matmuls"] == {"4-bit": 2 * 5, "8-bit": 1}
+    elif scheme == "gptq-mixed":  # 2 layers have no sensitive ones (an eighth of 2 is 0): lm_head alone at 8 bits
+        assert q["symmetric"] and q["lm_head_bits"] == 8 and q["matmuls"] == {"4-bit": 2 * 5, "8-bit": 1}
+        assert "gptq" in q
     else:
         assert q["symmetric"] and q["lm_head_bits"] == 4 and q["matmuls"] == {"4-bit": 2 * 5 + 1}
     assert m["fidelity"]["llm"]["teacher_forced"]["mean_cosine"] >= 0.95
