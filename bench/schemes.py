@@ -2,7 +2,7 @@
 the chat prompts, no visual tokens): perplexity ratio, next-token KL and its share of the reference's entropy, top-5
 overlap and top-1 agreement, as the export's gate sees them. The table in README, "The language model at 4 bits".
 
-    python -m sfedge.bench.schemes [rtn rtn-mixed imatrix accurate]
+    python -m sfedge.bench.schemes [rtn rtn-mixed imatrix accurate gptq gptq-mixed]
 """
 from __future__ import annotations
 
