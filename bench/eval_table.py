@@ -3,7 +3,8 @@ an fp32 language model), each vision variant, the question-aware modes and the l
 held-out synthetic clips against the PyTorch original: accuracy, the needle category, flips (all, and on the
 questions the original is sure of), McNemar, option KL, top-1 agreement and speed. The table in docs/benchmarks.md, "Accuracy after export".
 
-    python -m sfedge.bench.eval_table OUT [--seeds 0-49] [--schemes imatrix,gptq,gptq-mixed,rtn,rtn-mixed,accurate,int8,fp32]
+    python -m sfedge.bench.eval_table OUT [--seeds 0-49]
+        [--schemes imatrix,gptq,gptq-mixed,rtn,rtn-mixed,accurate,int8,fp32]
 
 Bundles, data, each run's sf-eval folder and the PyTorch original's answers (OUT/reference.jsonl, shared by every
 run on the same frames) are kept under OUT: a second call reuses what is there.

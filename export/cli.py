@@ -86,7 +86,8 @@ def _llm_options(p: argparse.ArgumentParser) -> None:
                    help="int4 (default): 4-bit blocks in the --llm-quant scheme; int8: every MatMul in symmetric 8-bit "
                         "blocks, twice int4's weight bytes, for when answers must match the original closely; fp32: "
                         "unquantized")
-    g.add_argument("--llm-quant", default="imatrix", choices=["rtn", "rtn-mixed", "imatrix", "accurate", "gptq", "gptq-mixed"],
+    g.add_argument("--llm-quant", default="imatrix",
+                   choices=["rtn", "rtn-mixed", "imatrix", "accurate", "gptq", "gptq-mixed"],
                    help="the 4-bit format (int4 only). rtn: round-to-nearest, symmetric, every MatMul at 4 bits; "
                         "rtn-mixed: the same with lm_head and sensitive layers at 8 bits; imatrix (default): the "
                         "format of rtn with each block's scale searched on calibration prompts and visual tokens; "

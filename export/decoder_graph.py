@@ -67,7 +67,7 @@ class Scheme:
         self.precision, self.scheme, self.block, self.num_layers = precision, scheme, block, num_layers
 
     def bits(self, layer: int | None, proj: str) -> int:
-        """8 everywhere for int8; for int4, 8 for lm_head in the affine and mixed schemes, and in the mixed scheme
+        """8 everywhere for int8; for int4, 8 for lm_head in the affine and mixed schemes, and in the mixed schemes
         for the projections llama.cpp finds sensitive (q/k/v and down of the first and last eighth and every third
         layer between); else 4."""
         if self.precision == "int8":
