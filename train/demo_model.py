@@ -370,8 +370,6 @@ def main() -> None:
         clips, pixels = render_clips(Path(work), range(TRAIN_SEED0, TRAIN_SEED0 + a.clips))
     log(f"rendered {a.clips} clips in {time.time() - t0:.0f} s")
     tensors, before = demo_weights(a.resume) if a.resume else ({}, {})
-    # the file's digest, not only its path: resuming from the committed weights overwrites them
-    resumed_sha256 = hashlib.sha256(a.resume.read_bytes()).hexdigest() if a.resume else None
     if a.resume:
         clip = demo_clip(before)[0]
         clip.load_state_dict(part(tensors, "clip."))
@@ -403,8 +401,9 @@ def main() -> None:
             "projector_final_train_accuracy": float(np.mean(right[-50 * a.projector_batch:])),
             "minutes": {"clip": round((t1 - t0) / 60, 1), "projector": round((t2 - t1) / 60, 1)}, **CARD}
     if a.resume:
-        # the first run's clips and minutes stay; this run's are its own
-        card["resumed_from"] = {"file": str(a.resume), "sha256": resumed_sha256,
+        # the first run's clips and minutes stay; this run's are its own. The file's digest, not only its path:
+        # resuming from the committed weights overwrites them (below, at save)
+        card["resumed_from"] = {"file": str(a.resume), "sha256": hashlib.sha256(a.resume.read_bytes()).hexdigest(),
                                 "projector_steps": before["projector_steps"],
                                 "clips": before["clips"], "minutes": before["minutes"]}
     path = save(Path(a.out), clip, model, adapters, card)
