@@ -56,10 +56,7 @@ TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_att
             max_position_embeddings=64)
 PROJECTION = 256
 PIPELINE = dict(frames=16, slow_frames=4, slow_pool="max2d", fast_grid=(2, 2))
-# Adapters' rank per decoder-layer projection, and one scale (alpha / rank) for all. The MLPs' are rank 4 to keep
-# the file under 25 MB: the text tower's embedding table (SmolLM2's vocabulary) is half of it.
-LORA = {"scale": 2.0, "ranks": {"self_attn.q_proj": 8, "self_attn.k_proj": 8, "self_attn.v_proj": 8,
-                                "self_attn.o_proj": 8, "mlp.gate_proj": 4, "mlp.up_proj": 4, "mlp.down_proj": 4}}
+LORA = {"rank": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 CARD = {"vision": VISION, "text": TEXT, "projection_dim": PROJECTION, "pipeline": PIPELINE,
         "lora": LORA}  # what the export reads
 SELECT = dict(select_layer=-2, select_strategy="default")
@@ -266,9 +263,9 @@ def align_projector(proj, feats: torch.Tensor, targets: torch.Tensor, steps: int
 class LoRA(torch.nn.Module):
     """A frozen Linear plus a trainable low-rank update, scale * B @ A (B starts at zero: the model starts as is)."""
 
-    def __init__(self, base: torch.nn.Linear, rank: int, scale: float):
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
         super().__init__()
-        self.base, self.scale = base, scale
+        self.base, self.scale = base, alpha / rank
         self.a = torch.nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
         self.b = torch.nn.Parameter(torch.zeros(base.out_features, rank))
 
@@ -277,21 +274,38 @@ class LoRA(torch.nn.Module):
 
 
 def add_lora(model) -> dict:
-    """Adapters on every decoder layer's projections (`LORA`); returns them by name (as demo.merge_lora reads)."""
+    """Adapters on every decoder layer's attention projections; returns them by name (as demo.merge_lora reads)."""
     adapters = {}
     for i, layer in enumerate(model.model.language_model.layers):
-        for name, rank in LORA["ranks"].items():
-            parent, _, leaf = name.rpartition(".")
-            lora = LoRA(layer.get_submodule(name), rank, LORA["scale"])
-            setattr(layer.get_submodule(parent), leaf, lora)
-            adapters[f"layers.{i}.{name}"] = lora
+        for name in LORA["targets"]:
+            lora = LoRA(getattr(layer.self_attn, name), LORA["rank"], LORA["alpha"])
+            setattr(layer.self_attn, name, lora)
+            adapters[f"layers.{i}.self_attn.{name}"] = lora
     return adapters
 
 
-def train_projector(model, tok, clips, feats, adapters: dict, steps: int, batch: int, seed: int, lr: float,
-                    mix: dict):
-    """Stage 2: the projector and the adapters learn; the tower's features are precomputed, SmolLM2 runs in bf16.
-    Each sample's question category is drawn in the proportions `mix` (category: weight)."""
+def compute_dtype() -> torch.dtype:
+    """What SmolLM2 runs in during the LLaVA stage: bf16 where the CPU computes it natively (AVX512-BF16, AMX), else
+    fp32. Measured on a Linear of the stage's size, not read from flags: on an AVX2-only AMD EPYC bf16 took 156 ms
+    where fp32 took 18 (PyTorch emulates it), and a training step took over 20 s where fp32 takes 7-8."""
+    x, w = torch.randn(1536, 576), torch.randn(1536, 576)
+
+    def seconds(dtype) -> float:
+        a, b = x.to(dtype), w.to(dtype)
+        F.linear(a, b)  # warm-up
+        runs = []
+        for _ in range(3):
+            t = time.perf_counter()
+            F.linear(a, b)
+            runs.append(time.perf_counter() - t)
+        return min(runs)
+
+    return torch.bfloat16 if seconds(torch.bfloat16) < seconds(torch.float32) else torch.float32
+
+
+def train_projector(model, tok, clips, feats, adapters: dict, steps: int, batch: int, seed: int, dtype):
+    """Stage 2: the projector and the adapters learn; the tower's features are precomputed, SmolLM2 runs in
+    `dtype` (`compute_dtype`)."""
     for p in model.parameters():
         p.requires_grad_(False)
     proj = model.model.multi_modal_projector
@@ -302,16 +316,15 @@ def train_projector(model, tok, clips, feats, adapters: dict, steps: int, batch:
                              PIPELINE["fast_grid"])
     prompts = Prompts(tok, model)
     lm, head = model.model.language_model, model.lm_head
-    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.0)
     sched = _cosine(opt, steps, warmup=30)
     rng = np.random.default_rng(seed)
-    weights = np.array([mix[c] for c in syn.CATEGORIES], float)
     losses, right = [], []
     for step in range(steps):
         seqs, targets, firsts = [], [], []
         while len(seqs) < batch:
             c = int(rng.integers(len(clips)))
-            category = str(rng.choice(syn.CATEGORIES, p=weights / weights.sum()))
+            category = str(rng.choice(syn.CATEGORIES))
             frames = frame_choice(clips[c], rng, category)
             if frames is None:
                 continue
@@ -329,7 +342,7 @@ def train_projector(model, tok, clips, feats, adapters: dict, steps: int, batch:
         # the positions whose next token is an answer token: the last len(target) of each sequence
         rows = torch.cat([torch.full((len(t),), i) for i, t in enumerate(targets)])
         cols = torch.cat([torch.arange(n - len(t), n) for n, t in zip(lengths.tolist(), targets)])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             hidden = lm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
             logits = head(hidden[rows, cols]).float()
         loss = F.cross_entropy(logits, torch.tensor([t for ts in targets for t in ts]))
@@ -344,17 +357,6 @@ def train_projector(model, tok, clips, feats, adapters: dict, steps: int, batch:
             log(f"projector step {step}/{steps} loss {np.mean(losses[-20:]):.3f} "
                 f"train acc {np.mean(right[-20 * batch:]):.2f}")
     return losses, right
-
-
-def category_mix(text: str) -> dict:
-    """"shape=3,direction=3" -> every category's weight (1 where not named)."""
-    mix = dict.fromkeys(syn.CATEGORIES, 1.0)
-    for item in filter(None, text.split(",")):
-        name, _, weight = item.partition("=")
-        if name not in mix:
-            raise argparse.ArgumentTypeError(f"{name!r}: not a category ({', '.join(syn.CATEGORIES)})")
-        mix[name] = float(weight)
-    return mix
 
 
 def save(out: Path, clip, model, adapters: dict, card: dict) -> Path:
@@ -378,9 +380,6 @@ def main() -> None:
     p.add_argument("--align-steps", type=int, default=300)
     p.add_argument("--projector-steps", type=int, default=600)
     p.add_argument("--projector-batch", type=int, default=8)
-    p.add_argument("--projector-lr", type=float, default=1e-3)
-    p.add_argument("--category-mix", type=category_mix, default=category_mix(""),
-                   help="how often the LLaVA stage asks each category, e.g. shape=3,direction=3 (others 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", type=Path, help="a demo_weights.safetensors to go on from: its CLIP pair, projector "
                                                "and adapters are loaded, stage 1 and the alignment skipped, and the "
@@ -413,14 +412,14 @@ def main() -> None:
         align = align_projector(proj, feats, word_targets(clips, model.get_input_embeddings().weight, tok),
                                 a.align_steps, a.seed)
         before |= {"align_steps": a.align_steps, "align_final_relative_error": float(np.mean(align[-100:]))}
+    dtype = compute_dtype()
+    log(f"LLaVA stage in {dtype}")
     losses, right = train_projector(model, tok, clips, feats, adapters, a.projector_steps, a.projector_batch,
-                                    a.seed + before["projector_steps"],  # a resumed run draws new samples
-                                    a.projector_lr, a.category_mix)
+                                    a.seed + before["projector_steps"], dtype)  # a resumed run draws new samples
     t2 = time.time()
     card = {**before, "clips": a.clips, "train_seeds": [TRAIN_SEED0, TRAIN_SEED0 + a.clips - 1], "seed": a.seed,
             "projector_steps": before["projector_steps"] + a.projector_steps, "projector_batch": a.projector_batch,
-            "projector_final_loss": float(np.mean(losses[-50:])), "projector_lr": a.projector_lr,
-            "category_mix": a.category_mix,
+            "projector_final_loss": float(np.mean(losses[-50:])), "projector_dtype": str(dtype).split(".")[1],
             "projector_final_train_accuracy": float(np.mean(right[-50 * a.projector_batch:])),
             "minutes": {"clip": round((t1 - t0) / 60, 1), "projector": round((t2 - t1) / 60, 1)}, **CARD}
     if a.resume:
