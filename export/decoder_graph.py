@@ -21,12 +21,18 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from sfedge.runtime.cpu import INT8_SAFE_LIMIT
 from sfedge.runtime.errors import BadCheckpoint
 
 from . import gptq, imatrix
 
 OPSET = 22
 ALIGN = 4096  # ONNX Runtime memory-maps external data; page-aligned tensors map without a copy
+# The twin's int8 weights stay within +-63: ONNX Runtime's x86 int8 GEMM multiplies uint8 activations by them and, on
+# CPUs without VNNI (AVX2 only), adds each pair of products in int16 with saturation (vpmaddubsw). 255 * 127 * 2
+# overflows it: on an AVX2-only AMD EPYC a full-range twin's KL was 6.8 nats against the decoder's 0.24.
+# The runtime does not use an older bundle's full-range twin there (runtime/llm.py).
+TWIN_LIMIT = INT8_SAFE_LIMIT
 MIXED = ("rtn-mixed", "gptq-mixed")  # int4 schemes with lm_head and llama.cpp's sensitive projections at 8 bits
 GPTQ = ("gptq", "gptq-mixed")  # rounding errors compensated through the inputs' second moment (gptq.py)
 
@@ -109,7 +115,7 @@ class MatMuls:
         first = len(self.nodes)
         self._main_matmul(x, w, name, out, bits, imp)
         if self.twin_data is not None and twin:
-            codes, scale = imatrix.quantize_rows(w)  # per output channel
+            codes, scale = imatrix.quantize_rows(w, TWIN_LIMIT)  # per output channel
             inits = [self.twin_data.tensor(f"{name}.weight_int8", np.ascontiguousarray(codes.T)),
                      self.twin_data.tensor(f"{name}.weight_scale", scale),
                      self.twin_data.tensor(f"{name}.weight_zero_point", np.zeros(len(w), np.int8))]

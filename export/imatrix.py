@@ -128,10 +128,10 @@ def symmetric8_blocks(w: np.ndarray, block: int):
     return q.astype(np.uint8), scale
 
 
-def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int8 with a symmetric per-row scale: the embedding table (the runtime's `Embeddings` reads it back) and
-    the int8 prefill twin's weights, per output channel."""
-    scale = np.abs(table).max(axis=1) / 127.0
+def quantize_rows(table: np.ndarray, limit: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes in [-limit, limit] with a symmetric per-row scale: the embedding table (the runtime's `Embeddings`
+    reads it back) and the int8 prefill twin's weights, per output channel (`decoder_graph.TWIN_LIMIT`)."""
+    scale = np.abs(table).max(axis=1) / float(limit)
     scale[scale == 0] = 1.0
-    q = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
+    q = np.clip(np.round(table / scale[:, None]), -limit, limit).astype(np.int8)
     return q, scale.astype(np.float32)

@@ -12,7 +12,7 @@ import torch
 from sfedge.runtime.embeddings import Embeddings
 
 from . import gptq, llm_fidelity
-from .decoder_graph import GPTQ, MIXED, DecoderGraph, Scheme
+from .decoder_graph import GPTQ, MIXED, TWIN_LIMIT, DecoderGraph, Scheme
 from .graph_layers import GraphLayers
 from .imatrix import quantize_rows
 from .streamed import LayerStream, calibration, chunks, second_moment
@@ -134,7 +134,7 @@ def _prefill_fields(kv_scales: dict | None, int8_prefill: bool) -> dict:
     if kv_scales:
         fields.update(prefill_graph="llm/prefill.onnx", kv_scales=kv_scales)
     if int8_prefill:
-        fields.update(prefill_graph="llm/prefill.onnx", prefill_weights="int8",
+        fields.update(prefill_graph="llm/prefill.onnx", prefill_weights="int8", prefill_weight_limit=TWIN_LIMIT,
                       prefill_external_data=["llm/prefill.onnx.data"])
     return fields
 
@@ -143,7 +143,7 @@ def drop_twin(bundle, spec: dict) -> None:
     """Remove an fp32-cache bundle's int8 prefill twin: its prompts then prefill through the 4-bit decoder."""
     for name in [spec.pop("prefill_graph")] + spec.pop("prefill_external_data"):
         (bundle / name).unlink()
-    del spec["prefill_weights"]
+    del spec["prefill_weights"], spec["prefill_weight_limit"]
 
 
 def _label(precision: str, scheme: str) -> str:

@@ -7,7 +7,9 @@ import platform
 from functools import lru_cache
 from pathlib import Path
 
-FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")  # what picks the fast int8/int4 kernels
+FLAGS = ("avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")  # picks the int8/int4 kernels
+VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")  # int8 dot products without an int16 step that saturates
+INT8_SAFE_LIMIT = 63  # int8 weights within +-63 never saturate it: 255 * 63 * 2 < 32767
 
 
 @lru_cache(maxsize=1)
@@ -30,3 +32,9 @@ def describe() -> str:
     """'AMD EPYC (avx512f, avx512_vnni, avx512_bf16), 2 cores': what every figure is measured on."""
     name, flags = info()
     return f"{name} ({', '.join(flags) or 'no AVX-512'}), {os.cpu_count()} cores"
+
+
+def saturates_int8() -> bool:
+    """Whether ONNX Runtime's int8 GEMM adds uint8 x int8 product pairs in int16 with saturation here (x86 without
+    VNNI): int8 weights beyond INT8_SAFE_LIMIT then overflow it."""
+    return platform.machine().lower() in ("x86_64", "amd64") and not set(VNNI) & set(info()[1])

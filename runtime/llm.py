@@ -39,6 +39,10 @@ class LanguageModel:
         # GEMMs ~3x, 128 tokens of prefill 1.6x); whether it is on this CPU is measured once per CPU kind and kept
         # (tuning.py).
         probe = bool(twin) and spec.get("prefill_weights") == "int8" and spec["kv_dtype"] == "float32"
+        self.prefill_note = None  # for sf-run's notes
+        if probe and spec.get("prefill_weight_limit", 127) > cpu.INT8_SAFE_LIMIT and cpu.saturates_int8():
+            twin, probe = None, False  # an older export's full-range twin: it would answer wrongly here
+            self.prefill_note = OVERFLOWING_TWIN
         key = (f"{cpu.describe()}; onnxruntime {ort.__version__}; {threads or 'all'} threads; "
                f"{spec['num_layers']}x{spec['hidden_size']}x{spec['intermediate_size']}")
         known = tuning.lookup("int8_prefill", key) if probe else None
@@ -52,7 +56,8 @@ class LanguageModel:
             tuning.store("int8_prefill", key, known)
             if not known["use_twin"]:
                 self.decoder.drop_twin()
-        self.prefill_note = _prefill_note(known) if probe else None  # for sf-run's notes
+        if probe:
+            self.prefill_note = _prefill_note(known)
         self.eos = frozenset(manifest["prompt"]["eos_token_ids"])
         self.stop_strings = manifest["prompt"]["stop_strings"]
         # Whose visual prefix the KV cache holds: (video key, cache length after it). Kept with the cache, so every
@@ -169,6 +174,10 @@ class TextStream:
         piece = upto[self.sent:]
         self.sent = max(self.sent, len(upto))
         return piece
+
+
+OVERFLOWING_TWIN = ("prompts prefill through the 4-bit decoder: this bundle's int8 twin has full-range weights, which "
+                    "overflow on a CPU without VNNI (re-export the bundle to use the twin)")
 
 
 def _prefill_note(known: dict) -> str:

@@ -49,7 +49,7 @@ SCHEMA = {
         # the decoder's prefill twin, with an fp32 cache, for prompts: an int8-KV bundle's (with the per-layer
         # scales that move caches between them), and with int8 weights (`prefill_weights`, in their own file)
         "prefill_graph": Maybe(str), "kv_scales": Maybe({"k_scales": list, "v_scales": list}),
-        "prefill_weights": Maybe(str), "prefill_external_data": Maybe(list),
+        "prefill_weights": Maybe(str), "prefill_weight_limit": Maybe(int), "prefill_external_data": Maybe(list),
     },
     "tokenizer": str,
     # choice: how this model answers multiple choice unless told (prompt.CHOICES; "letter" when absent)

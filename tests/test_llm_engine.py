@@ -1,6 +1,7 @@
 """The language-model engine on the real SmolLM2-135M-Instruct: equal to transformers without quantization,
 measured against it with int4; and the generation loop's text handling."""
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -285,6 +286,11 @@ def test_int8_prefill_twin_shares_the_cache_and_is_chosen_per_cpu(make_checkpoin
                                                            load_external_data=False).graph.node)
     # qkv, o, gate, up and down per layer; lm_head is the decoder's
     assert ops["DynamicQuantizeMatMul"] == 5 * spec["num_layers"] and ops["MatMulNBits"] == 1
+    twin_graph = onnx.load(root / spec["prefill_graph"])
+    codes = [onnx.numpy_helper.to_array(t) for t in twin_graph.graph.initializer
+             if t.data_type == onnx.TensorProto.INT8]
+    assert spec["prefill_weight_limit"] == 63 and len(codes) == 2 * 5 * spec["num_layers"]  # codes, zero points
+    assert max(np.abs(c.astype(int)).max() for c in codes) == 63  # within the limit, and using it
 
     plan = make_plan(m)
     assert plan.prefill_twin and plan.parts["kv cache"] == plan.context * kv_bytes_per_token(spec)  # one cache
@@ -326,6 +332,16 @@ def test_int8_prefill_twin_shares_the_cache_and_is_chosen_per_cpu(make_checkpoin
     (tmp_path / "cache" / "sfedge" / "machine.json").write_text(json.dumps({"int8_prefill": cached}))
     rt = Runtime.load(root, max_new_tokens=4)
     assert rt.llm.decoder.twin is None and "the int8 twin is slower on this CPU" in rt.llm.prefill_note
+
+    # A bundle exported before the twin's weights were limited, on a CPU without VNNI: the twin is not opened.
+    manifest = json.loads((root / "manifest.json").read_text())
+    del manifest["llm"]["prefill_weight_limit"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    cached[key] = {**probe, "use_twin": True}
+    (tmp_path / "cache" / "sfedge" / "machine.json").write_text(json.dumps({"int8_prefill": cached}))
+    monkeypatch.setattr(cpu, "saturates_int8", lambda: True)
+    rt = Runtime.load(root, max_new_tokens=4)
+    assert rt.llm.decoder.twin is None and "overflow on a CPU without VNNI" in rt.llm.prefill_note
     video = rt.encode("demo")
     assert rt.ask(video, "What?").text == rt.ask(video, "What?").text
 
@@ -337,3 +353,36 @@ def _plans_twin(manifest, budget) -> bool:
         return make_plan(manifest, budget=budget).prefill_twin
     except DoesNotFit:
         return False
+
+
+@pytest.mark.parametrize("limit, worst", [(63, 0.1), (127, None)])
+def test_int8_twin_weights_fit_the_int16_pairs_of_every_x86_cpu(limit, worst):
+    """ONNX Runtime's DynamicQuantizeMatMul (the twin's GEMM) on this CPU against numpy, with activations that have
+    outlier channels as hidden states do. Within +-63 (`TWIN_LIMIT`) it is close on every CPU; at +-127 it is too
+    where the CPU has VNNI, and not without (AVX2: the int16 pair sums saturate, 42% of the largest output)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sfedge.export.decoder_graph import TWIN_LIMIT
+    from sfedge.export.imatrix import quantize_rows
+    from sfedge.runtime import cpu
+
+    assert TWIN_LIMIT == 63
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.02, (256, 576)).astype(np.float32)
+    x = rng.normal(0, 1, (64, 576)).astype(np.float32)
+    x[:, :4] *= 30
+    codes, scale = quantize_rows(w, limit)
+    inits = [numpy_helper.from_array(np.ascontiguousarray(codes.T), "w"), numpy_helper.from_array(scale, "s"),
+             numpy_helper.from_array(np.zeros(len(w), np.int8), "z")]
+    node = helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s", "z"], ["y"], domain="com.microsoft")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [len(x), len(w)])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref = x @ w.T
+    error = np.abs(y - ref).max() / np.abs(ref).max()
+    if worst is None:  # full range: as good only where the CPU's int8 dot products do not saturate
+        assert (error < 0.1) == (not cpu.saturates_int8()), error
+    else:
+        assert error < worst, error
