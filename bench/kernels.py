@@ -11,6 +11,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from sfedge.runtime.cpu import INT8_SAFE_LIMIT  # the twin's weights
+
 K, N, CHAIN, BLOCK = 576, 1536, 8, 32
 ROWS = (1, 512)  # a decode step, a prefill chunk
 # name -> (op, bits, accuracy level, intra-op threads (None: all cores), spinning threads); the first is the
@@ -30,7 +32,8 @@ def _weights(op: str, bits: int, level: int, k: int, n: int, i: int, rng) -> tup
     if op == "fp32":
         return [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32) * 0.02, f"w{i}")], {}
     if op == "int8":
-        return [numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), f"w{i}"),
+        codes = rng.integers(-INT8_SAFE_LIMIT, INT8_SAFE_LIMIT + 1, (k, n), dtype=np.int8)
+        return [numpy_helper.from_array(codes, f"w{i}"),
                 numpy_helper.from_array(rng.random(n).astype(np.float32) * 0.01, f"s{i}"),
                 numpy_helper.from_array(np.zeros(n, np.int8), f"z{i}")], dict(domain="com.microsoft")
     blocks = k // BLOCK
