@@ -22,6 +22,7 @@ import torch
 from sfedge.calibration.frames import sample_frames
 from sfedge.runtime import manifest as manifest_schema
 from sfedge.runtime.config_plan import wants_int8_twin
+from sfedge.runtime.cpu import INT8_SAFE_LIMIT
 from sfedge.runtime.errors import BadInput, ExportFailed, LowFidelity
 from sfedge.runtime.memory import give_back
 from sfedge.runtime.prompt import CHOICES, eos_ids, spec_from_tokenizer
@@ -208,6 +209,7 @@ def _vision(ckpt, bundle: Path, frames: np.ndarray, features: np.ndarray, opts: 
     if "int8" in opts.vision_variants:
         vision["graphs"]["int8"] = "vision.int8.onnx"
         vision["int8_method"] = _vision_int8(fp32, bundle / "vision.int8.onnx", vision, opts, log)
+        vision["int8_weight_limit"] = INT8_SAFE_LIMIT  # ONNX Runtime's reduce_range (graphs.py)
     report = {}
     for precision, rel in vision["graphs"].items():
         out = graphs.run_graph(bundle / rel, {"frames": frames})

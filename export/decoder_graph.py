@@ -21,7 +21,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from sfedge.runtime.cpu import INT8_SAFE_LIMIT
 from sfedge.runtime.errors import BadCheckpoint
 
 from . import gptq, imatrix
@@ -32,7 +31,7 @@ ALIGN = 4096  # ONNX Runtime memory-maps external data; page-aligned tensors map
 # CPUs without VNNI (AVX2 only), adds each pair of products in int16 with saturation (vpmaddubsw). 255 * 127 * 2
 # overflows it: on an AVX2-only AMD EPYC a full-range twin's KL was 6.8 nats against the decoder's 0.24.
 # The runtime does not use an older bundle's full-range twin there (runtime/llm.py).
-TWIN_LIMIT = INT8_SAFE_LIMIT
+TWIN_LIMIT = 63  # symmetric, within cpu.INT8_SAFE_LIMIT
 MIXED = ("rtn-mixed", "gptq-mixed")  # int4 schemes with lm_head and llama.cpp's sensitive projections at 8 bits
 GPTQ = ("gptq", "gptq-mixed")  # rounding errors compensated through the inputs' second moment (gptq.py)
 

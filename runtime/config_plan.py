@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .cpu import INT8_SAFE_LIMIT
 from .errors import BadCheckpoint, BadInput
 
 SUPPORTED = {  # architecture -> its config class's default language model and vision tower
@@ -151,6 +152,7 @@ def _vision(tower: dict, layer, strategy: str, width: int, projector_bias: bool,
     return {"image_size": [size, size], "patch_grid": [grid, grid], "select_layer": layer,
             "select_strategy": strategy, "has_cls_token": tokens == grid * grid + 1, "tokens_per_frame": tokens,
             "hidden_size": width, "graphs": {v: f"vision.{v}.onnx" for v in ("fp32", "fp16", "int8")},
+            "int8_weight_limit": INT8_SAFE_LIMIT,  # as sf-export writes it
             "tower_dims": {"hidden_size": tower["hidden_size"], "intermediate_size": tower["intermediate_size"],
                            "num_heads": tower["num_attention_heads"], "num_layers": count},
             "_sizes": sizes}

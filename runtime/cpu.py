@@ -9,7 +9,7 @@ from pathlib import Path
 
 FLAGS = ("avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")  # picks the int8/int4 kernels
 VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")  # int8 dot products without an int16 step that saturates
-INT8_SAFE_LIMIT = 63  # int8 weights within +-63 never saturate it: 255 * 63 * 2 < 32767
+INT8_SAFE_LIMIT = 64  # int8 weights within +-64 never saturate it: 255 * 64 * 2 = 32640 < 32767
 
 
 @lru_cache(maxsize=1)

@@ -38,7 +38,7 @@ SCHEMA = {
     "vision": {
         "image_size": list, "patch_grid": list, "mean": list, "std": list, "select_layer": (int, list),
         "select_strategy": str, "has_cls_token": bool, "tokens_per_frame": int, "hidden_size": int,
-        "graphs": dict,
+        "graphs": dict, "int8_weight_limit": Maybe(int),
         "tower_dims": {"hidden_size": int, "intermediate_size": int, "num_heads": int, "num_layers": int},
     },
     "aggregator": {"graph": str, "num_frames": int, "slow_frames": int, "slow_pool": str, "fast_grid": list},

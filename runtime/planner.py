@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from . import cpu
 from .errors import BadInput, DoesNotFit
 from .tokens import kv_bytes_per_token, visual_tokens
 from .units import human
@@ -93,6 +94,12 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
     return plan
 
 
+def int8_vision_is_right(vision: dict) -> bool:
+    """False for a bundle exported before its int8 vision weights were limited, on a CPU whose int8 GEMM would
+    overflow with them (cpu.saturates_int8): the default vision graph is then fp32."""
+    return vision.get("int8_weight_limit", 127) <= cpu.INT8_SAFE_LIMIT or not cpu.saturates_int8()
+
+
 def fit_plan(manifest: dict, budget: int | None = None, frames: int | None = None, max_new_tokens: int = 256,
              vision_variant: str | None = None, rings: dict | None = None, pooling: str = "slowfast",
              candidates: int = 0, device: str = "cpu") -> Plan:
@@ -105,7 +112,7 @@ def fit_plan(manifest: dict, budget: int | None = None, frames: int | None = Non
     if candidates and candidates < frames:
         raise BadInput(f"{candidates} candidates are fewer than the {frames} frames: frame selection picks among at "
                        f"least as many candidates as it keeps")
-    variant = vision_variant or ("int8" if "int8" in v["graphs"] else "fp32")
+    variant = vision_variant or ("int8" if "int8" in v["graphs"] and int8_vision_is_right(v) else "fp32")
     if variant not in v["graphs"]:
         raise BadInput(f"vision variant {variant!r} is not in this bundle (it has {', '.join(v['graphs'])})")
     visual = visual_tokens(manifest, frames, pooling)

@@ -194,3 +194,17 @@ def test_encode_chunks_stay_small_on_a_cpu():
     assert cpu.encode_chunk == CPU_ENCODE_CHUNK < gpu.encode_chunk == 32  # 50 frames
     assert cpu.total < gpu.total
     assert replan(m, cpu, frames=16).encode_chunk == CPU_ENCODE_CHUNK and replan(m, gpu, frames=16).encode_chunk == 16
+
+
+def test_int8_vision_of_an_older_export_is_not_the_default_where_it_would_overflow(monkeypatch):
+    """A bundle whose int8 vision weights use the full int8 range (exported before they were limited to +-64) on a
+    CPU without VNNI: ONNX Runtime's int8 GEMM would saturate, so the default vision graph is fp32 there."""
+    m = manifest_from_config(NEXT_VIDEO_7B)
+    assert m["vision"]["int8_weight_limit"] == cpu.INT8_SAFE_LIMIT == 64
+    monkeypatch.setattr(cpu, "saturates_int8", lambda: True)
+    assert make_plan(m, max_new_tokens=128).vision_variant == "int8"
+    del m["vision"]["int8_weight_limit"]
+    assert make_plan(m, max_new_tokens=128).vision_variant == "fp32"
+    assert make_plan(m, max_new_tokens=128, vision_variant="int8").vision_variant == "int8"  # named: as asked
+    monkeypatch.setattr(cpu, "saturates_int8", lambda: False)
+    assert make_plan(m, max_new_tokens=128).vision_variant == "int8"
