@@ -38,3 +38,8 @@ def saturates_int8() -> bool:
     """Whether ONNX Runtime's int8 GEMM adds uint8 x int8 product pairs in int16 with saturation here (x86 without
     VNNI): int8 weights beyond INT8_SAFE_LIMIT then overflow it."""
     return platform.machine().lower() in ("x86_64", "amd64") and not set(VNNI) & set(info()[1])
+
+
+def int8_weights_overflow(limit: int | None) -> bool:
+    """Whether int8 weights within +-limit (None: a bundle exported before the limit, full range) overflow here."""
+    return (limit or 127) > INT8_SAFE_LIMIT and saturates_int8()

@@ -40,7 +40,7 @@ class LanguageModel:
         # (tuning.py).
         probe = bool(twin) and spec.get("prefill_weights") == "int8" and spec["kv_dtype"] == "float32"
         self.prefill_note = None  # for sf-run's notes
-        if probe and spec.get("prefill_weight_limit", 127) > cpu.INT8_SAFE_LIMIT and cpu.saturates_int8():
+        if probe and cpu.int8_weights_overflow(spec.get("prefill_weight_limit")):
             twin, probe = None, False  # an older export's full-range twin: it would answer wrongly here
             self.prefill_note = OVERFLOWING_TWIN
         key = (f"{cpu.describe()}; onnxruntime {ort.__version__}; {threads or 'all'} threads; "

@@ -97,7 +97,7 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
 def int8_vision_is_right(vision: dict) -> bool:
     """False for a bundle exported before its int8 vision weights were limited, on a CPU whose int8 GEMM would
     overflow with them (cpu.saturates_int8): the default vision graph is then fp32."""
-    return vision.get("int8_weight_limit", 127) <= cpu.INT8_SAFE_LIMIT or not cpu.saturates_int8()
+    return not cpu.int8_weights_overflow(vision.get("int8_weight_limit"))
 
 
 def fit_plan(manifest: dict, budget: int | None = None, frames: int | None = None, max_new_tokens: int = 256,
