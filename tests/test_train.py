@@ -1,5 +1,6 @@
 """The demo's training script, end to end at toy sizes: it trains, resumes, and writes weights the demo export
 loads (the real run: export/demo_weights/MODEL_CARD.md)."""
+import argparse
 import hashlib
 import json
 import subprocess
@@ -9,6 +10,8 @@ import pytest
 from safetensors import safe_open
 
 from sfedge.export import demo
+from sfedge.train import synthetic as syn
+from sfedge.train.demo_model import category_mix
 
 
 def train(out, *args):
@@ -23,14 +26,17 @@ def train(out, *args):
 @pytest.mark.slow
 def test_training_resumes_and_the_demo_export_loads_its_weights(tmp_path, monkeypatch):
     card, first = train(tmp_path / "a", "--projector-steps", "2")
-    assert card["projector_steps"] == 2 and card["pipeline"]["frames"] == 16 and card["lora"]["rank"] == 8
+    assert card["projector_steps"] == 2 and card["pipeline"]["frames"] == 16
+    assert card["lora"]["ranks"]["mlp.down_proj"] == 4
     assert {k.split(".")[0] for k in first} == {"clip", "projector", "lora"}
-    again, second = train(tmp_path / "b", "--projector-steps", "1",
+    assert first["lora.layers.0.mlp.down_proj.a"].shape[0] == 4 and "lora.layers.29.self_attn.q_proj.b" in first
+    again, second = train(tmp_path / "b", "--projector-steps", "1", "--category-mix", "shape=3,count=0",
                           "--resume", str(tmp_path / "a" / demo.DEMO_WEIGHTS.name))
     assert again["projector_steps"] == 3 and again["resumed_from"]["projector_steps"] == 2
     digest = hashlib.sha256((tmp_path / "a" / demo.DEMO_WEIGHTS.name).read_bytes()).hexdigest()
     assert again["resumed_from"]["sha256"] == digest
     assert again["projector_dtype"] in ("bfloat16", "float32")  # whichever this CPU computes faster
+    assert again["category_mix"] == {**dict.fromkeys(syn.CATEGORIES, 1.0), "shape": 3.0, "count": 0.0}
     assert again["clip_steps"] == 2  # stage 1 not rerun: its weights are the first run's
     assert all((second[k] == first[k]).all() for k in first if k.startswith("clip."))
     assert any((second[k] != first[k]).any() for k in first if k.startswith("lora."))
@@ -55,3 +61,8 @@ def test_patch_labels_name_what_each_patch_shows():
     star = syn.NEEDLES.index("star") + 1
     assert labels[40, at(100, 100), 3] == star and labels[41, at(100, 100), 3] == star
     assert (labels[39, :, 3] == 0).all() and (labels[42, :, 3] == 0).all()  # only while it flashes
+
+
+def test_a_category_mix_naming_no_category_is_refused():
+    with pytest.raises(argparse.ArgumentTypeError, match="'shapes': not a category"):
+        category_mix("shapes=3")

@@ -56,7 +56,10 @@ TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_att
             max_position_embeddings=64)
 PROJECTION = 256
 PIPELINE = dict(frames=16, slow_frames=4, slow_pool="max2d", fast_grid=(2, 2))
-LORA = {"rank": 8, "alpha": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+# Adapters' rank per decoder-layer projection, and one scale (alpha / rank) for all. The MLPs' are rank 4 to keep
+# the file under 25 MB: the text tower's embedding table (SmolLM2's vocabulary) is half of it.
+LORA = {"scale": 2.0, "ranks": {"self_attn.q_proj": 8, "self_attn.k_proj": 8, "self_attn.v_proj": 8,
+                                "self_attn.o_proj": 8, "mlp.gate_proj": 4, "mlp.up_proj": 4, "mlp.down_proj": 4}}
 CARD = {"vision": VISION, "text": TEXT, "projection_dim": PROJECTION, "pipeline": PIPELINE,
         "lora": LORA}  # what the export reads
 SELECT = dict(select_layer=-2, select_strategy="default")
@@ -263,9 +266,9 @@ def align_projector(proj, feats: torch.Tensor, targets: torch.Tensor, steps: int
 class LoRA(torch.nn.Module):
     """A frozen Linear plus a trainable low-rank update, scale * B @ A (B starts at zero: the model starts as is)."""
 
-    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: torch.nn.Linear, rank: int, scale: float):
         super().__init__()
-        self.base, self.scale = base, alpha / rank
+        self.base, self.scale = base, scale
         self.a = torch.nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
         self.b = torch.nn.Parameter(torch.zeros(base.out_features, rank))
 
@@ -274,13 +277,14 @@ class LoRA(torch.nn.Module):
 
 
 def add_lora(model) -> dict:
-    """Adapters on every decoder layer's attention projections; returns them by name (as demo.merge_lora reads)."""
+    """Adapters on every decoder layer's projections (`LORA`); returns them by name (as demo.merge_lora reads)."""
     adapters = {}
     for i, layer in enumerate(model.model.language_model.layers):
-        for name in LORA["targets"]:
-            lora = LoRA(getattr(layer.self_attn, name), LORA["rank"], LORA["alpha"])
-            setattr(layer.self_attn, name, lora)
-            adapters[f"layers.{i}.self_attn.{name}"] = lora
+        for name, rank in LORA["ranks"].items():
+            parent, _, leaf = name.rpartition(".")
+            lora = LoRA(layer.get_submodule(name), rank, LORA["scale"])
+            setattr(layer.get_submodule(parent), leaf, lora)
+            adapters[f"layers.{i}.{name}"] = lora
     return adapters
 
 
@@ -303,9 +307,10 @@ def compute_dtype() -> torch.dtype:
     return torch.bfloat16 if seconds(torch.bfloat16) < seconds(torch.float32) else torch.float32
 
 
-def train_projector(model, tok, clips, feats, adapters: dict, steps: int, batch: int, seed: int, dtype):
+def train_projector(model, tok, clips, feats, adapters: dict, steps: int, batch: int, seed: int, dtype, lr: float,
+                    mix: dict):
     """Stage 2: the projector and the adapters learn; the tower's features are precomputed, SmolLM2 runs in
-    `dtype` (`compute_dtype`)."""
+    `dtype` (`compute_dtype`). Each sample's question category is drawn in the proportions `mix` (category: weight)."""
     for p in model.parameters():
         p.requires_grad_(False)
     proj = model.model.multi_modal_projector
@@ -316,15 +321,16 @@ def train_projector(model, tok, clips, feats, adapters: dict, steps: int, batch:
                              PIPELINE["fast_grid"])
     prompts = Prompts(tok, model)
     lm, head = model.model.language_model, model.lm_head
-    opt = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     sched = _cosine(opt, steps, warmup=30)
     rng = np.random.default_rng(seed)
+    weights = np.array([mix[c] for c in syn.CATEGORIES], float)
     losses, right = [], []
     for step in range(steps):
         seqs, targets, firsts = [], [], []
         while len(seqs) < batch:
             c = int(rng.integers(len(clips)))
-            category = str(rng.choice(syn.CATEGORIES))
+            category = str(rng.choice(syn.CATEGORIES, p=weights / weights.sum()))
             frames = frame_choice(clips[c], rng, category)
             if frames is None:
                 continue
@@ -359,6 +365,17 @@ def train_projector(model, tok, clips, feats, adapters: dict, steps: int, batch:
     return losses, right
 
 
+def category_mix(text: str) -> dict:
+    """"shape=3,direction=3" -> every category's weight (1 where not named)."""
+    mix = dict.fromkeys(syn.CATEGORIES, 1.0)
+    for item in filter(None, text.split(",")):
+        name, _, weight = item.partition("=")
+        if name not in mix:
+            raise argparse.ArgumentTypeError(f"{name!r}: not a category ({', '.join(syn.CATEGORIES)})")
+        mix[name] = float(weight)
+    return mix
+
+
 def save(out: Path, clip, model, adapters: dict, card: dict) -> Path:
     """The CLIP pair (its vision tower is the LLaVA tower), the projector and the adapters, fp16, in one file."""
     out.mkdir(parents=True, exist_ok=True)
@@ -380,6 +397,9 @@ def main() -> None:
     p.add_argument("--align-steps", type=int, default=300)
     p.add_argument("--projector-steps", type=int, default=600)
     p.add_argument("--projector-batch", type=int, default=8)
+    p.add_argument("--projector-lr", type=float, default=1e-3)
+    p.add_argument("--category-mix", type=category_mix, default=category_mix(""),
+                   help="how often the LLaVA stage asks each category, e.g. shape=3,direction=3 (others 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", type=Path, help="a demo_weights.safetensors to go on from: its CLIP pair, projector "
                                                "and adapters are loaded, stage 1 and the alignment skipped, and the "
@@ -415,11 +435,13 @@ def main() -> None:
     dtype = compute_dtype()
     log(f"LLaVA stage in {dtype}")
     losses, right = train_projector(model, tok, clips, feats, adapters, a.projector_steps, a.projector_batch,
-                                    a.seed + before["projector_steps"], dtype)  # a resumed run draws new samples
+                                    a.seed + before["projector_steps"],  # a resumed run draws new samples
+                                    dtype, a.projector_lr, a.category_mix)
     t2 = time.time()
     card = {**before, "clips": a.clips, "train_seeds": [TRAIN_SEED0, TRAIN_SEED0 + a.clips - 1], "seed": a.seed,
             "projector_steps": before["projector_steps"] + a.projector_steps, "projector_batch": a.projector_batch,
             "projector_final_loss": float(np.mean(losses[-50:])), "projector_dtype": str(dtype).split(".")[1],
+            "projector_lr": a.projector_lr, "category_mix": a.category_mix,
             "projector_final_train_accuracy": float(np.mean(right[-50 * a.projector_batch:])),
             "minutes": {"clip": round((t1 - t0) / 60, 1), "projector": round((t2 - t1) / 60, 1)}, **CARD}
     if a.resume:
