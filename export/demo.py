@@ -144,8 +144,8 @@ def part(tensors: dict, prefix: str) -> dict:
 
 
 def merge_lora(lm, tensors: dict, card: dict) -> None:
-    """Fold the trained adapters into the language model's weights: W += alpha / rank * B @ A."""
-    scale = card["lora"]["alpha"] / card["lora"]["rank"]
+    """Fold the trained adapters into the language model's weights: W += scale * B @ A (scale: alpha / rank)."""
+    scale = card["lora"]["scale"]
     layers = dict(lm.model.named_modules())
     for key in tensors:
         if key.startswith("lora.") and key.endswith(".a"):
