@@ -36,9 +36,9 @@ def test_the_readme_demo_answers_its_question_right(demo_bundle, tmp_path):
 @pytest.mark.slow
 def test_sf_eval_of_the_demo_on_held_out_clips_is_above_chance(demo_bundle, tmp_path):
     """sf-eval end to end on 50 generated questions (10 held-out clips x 5 categories), each video encoded once.
-    What the default bundle gets (docs/benchmarks.md, 250 questions): 60.4%, every count, the rest 32-64% (chance
-    25%); on these 50 (AMD EPYC), 58% overall and 10 of 10 counts. The floors leave room for another CPU's rounding
-    to flip the answers the demo is unsure of."""
+    What the default bundle gets (docs/benchmarks.md, 250 questions): 63.2%, 98% of counts, the rest 44-60% (chance
+    25%); on these 50 (AVX2-only AMD EPYC), 66% overall and 10 of 10 counts. The floors leave room for another CPU's
+    rounding to flip the answers the demo is unsure of."""
     data = synthetic.write_dataset(tmp_path / "data", range(10))
     run = subprocess.run([sys.executable, "-m", "sfedge.eval.cli", str(demo_bundle), "--data", str(data), "--out",
                           str(tmp_path / "eval")], capture_output=True, text=True)
