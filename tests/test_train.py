@@ -66,3 +66,5 @@ def test_patch_labels_name_what_each_patch_shows():
 def test_a_category_mix_naming_no_category_is_refused():
     with pytest.raises(argparse.ArgumentTypeError, match="'shapes': not a category"):
         category_mix("shapes=3")
+    with pytest.raises(argparse.ArgumentTypeError, match="not all 0"):
+        category_mix("colour=0,shape=0,direction=0,count=0,needle=0")

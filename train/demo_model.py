@@ -5,7 +5,7 @@
            name what each patch shows, so each visual token knows which colour goes with which shape;
   stage 2  a LlavaForConditionalGeneration whose tower is that vision tower (frozen) and whose language model is
            the real SmolLM2-135M-Instruct: the projector is first aligned to the language model's word embeddings,
-           then it and low-rank adapters on the language model's attention (LoRA, merged into the weights at
+           then it and low-rank adapters on the language model's projections (LoRA, merged into the weights at
            export) learn on SlowFast tokens of 16 frames to answer the synthetic questions through the runtime's
            own prompt, with the option's text (the "text" choice: `sfedge.runtime.prompt.CHOICES`).
 
@@ -15,7 +15,8 @@ as the answer (lm-evaluation-harness's cloze form) it gets counts (100%) and fla
 but only 33-40% of colours, shapes and directions: naming one object's attribute among several is what the adapters
 have to learn.
 
-    python -m sfedge.train.demo_model OUT [--clips 600] [--projector-steps 700] ...
+    python -m sfedge.train.demo_model OUT [--clips 600] [--projector-steps 600] [--resume WEIGHTS]
+        [--projector-lr 1e-3] [--category-mix shape=3,direction=3] ...
 
 Writes OUT/demo_weights.safetensors (the CLIP pair, the projector and the adapters, fp16; the card in its metadata).
 Seeded: the same command gives the same weights on the same CPU kind. What it reached: demo_weights/MODEL_CARD.md.
@@ -373,6 +374,8 @@ def category_mix(text: str) -> dict:
         if name not in mix:
             raise argparse.ArgumentTypeError(f"{name!r}: not a category ({', '.join(syn.CATEGORIES)})")
         mix[name] = float(weight)
+    if min(mix.values()) < 0 or not sum(mix.values()):
+        raise argparse.ArgumentTypeError(f"{text!r}: weights must be >= 0 and not all 0")
     return mix
 
 
