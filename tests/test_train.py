@@ -68,3 +68,9 @@ def test_a_category_mix_naming_no_category_is_refused():
         category_mix("shapes=3")
     with pytest.raises(argparse.ArgumentTypeError, match="not all 0"):
         category_mix("colour=0,shape=0,direction=0,count=0,needle=0")
+
+
+def test_the_committed_weights_stay_under_25_mb_and_carry_their_training_card():
+    _, card = demo.demo_weights()
+    assert demo.DEMO_WEIGHTS.stat().st_size < 25e6  # the repository's budget for them (model card)
+    assert card["lora"]["ranks"] and card["projector_steps"] == 1800 and "resumed_from" in card["resumed_from"]
