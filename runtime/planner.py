@@ -94,12 +94,6 @@ def make_plan(manifest: dict, budget: int | None = None, frames: int | None = No
     return plan
 
 
-def int8_vision_is_right(vision: dict) -> bool:
-    """False for a bundle exported before its int8 vision weights were limited, on a CPU whose int8 GEMM would
-    overflow with them (cpu.saturates_int8): the default vision graph is then fp32."""
-    return not cpu.int8_weights_overflow(vision.get("int8_weight_limit"))
-
-
 def fit_plan(manifest: dict, budget: int | None = None, frames: int | None = None, max_new_tokens: int = 256,
              vision_variant: str | None = None, rings: dict | None = None, pooling: str = "slowfast",
              candidates: int = 0, device: str = "cpu") -> Plan:
@@ -112,7 +106,9 @@ def fit_plan(manifest: dict, budget: int | None = None, frames: int | None = Non
     if candidates and candidates < frames:
         raise BadInput(f"{candidates} candidates are fewer than the {frames} frames: frame selection picks among at "
                        f"least as many candidates as it keeps")
-    variant = vision_variant or ("int8" if "int8" in v["graphs"] and int8_vision_is_right(v) else "fp32")
+    # an older export's full-range int8 vision weights would overflow a CPU without VNNI: fp32 is the default there
+    int8_ok = "int8" in v["graphs"] and not cpu.int8_weights_overflow(v.get("int8_weight_limit"))
+    variant = vision_variant or ("int8" if int8_ok else "fp32")
     if variant not in v["graphs"]:
         raise BadInput(f"vision variant {variant!r} is not in this bundle (it has {', '.join(v['graphs'])})")
     visual = visual_tokens(manifest, frames, pooling)
