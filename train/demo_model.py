@@ -326,12 +326,13 @@ def train_projector(model, tok, clips, feats, adapters: dict, steps: int, batch:
     sched = _cosine(opt, steps, warmup=30)
     rng = np.random.default_rng(seed)
     weights = np.array([mix[c] for c in syn.CATEGORIES], float)
+    weights /= weights.sum()
     losses, right = [], []
     for step in range(steps):
         seqs, targets, firsts = [], [], []
         while len(seqs) < batch:
             c = int(rng.integers(len(clips)))
-            category = str(rng.choice(syn.CATEGORIES, p=weights / weights.sum()))
+            category = str(rng.choice(syn.CATEGORIES, p=weights))
             frames = frame_choice(clips[c], rng, category)
             if frames is None:
                 continue
